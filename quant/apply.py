@@ -1,0 +1,308 @@
+"""Fake-quantize any model for an `Allocation`: one call, a config dataclass, the original untouched.
+
+    qmodel = apply_allocation(model, allocation, calibration=batches, config=QuantConfig(weight_clip="auto"))
+
+Each quantizable layer is replaced by a `QuantizedLayer` that quantizes its input activation and its weight.
+Calibration statistics are gathered once; `QuantizedLayer.set_bits` then re-derives the quantizers for any
+other bit option without another pass over the data, which the sensitivity and search stages rely on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocation import Allocation, LayerBits, is_float_bits
+from .calibration import CLIP_METHODS, ClipContext, InputStats, calibrate_activation, clip_range
+from .errors import BitsearchError
+from .layers import is_quantizable
+from .quantizers import QUANTIZERS, FloatQuantizer, Quantizer, make_quantizer
+
+DATA_CLIPS = ("output_mse", "auto")  # weight clipping methods that need calibration data
+
+
+@dataclass
+class QuantConfig:
+    """How an allocation's bit-widths are realised. JSON-serialisable; every field has a sane default."""
+
+    weight_quantizer: str = "int_sym"
+    weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    weight_clip: str = "minmax"
+    activation_quantizer: str = "auto"  # "auto": unsigned when the calibrated input is never negative
+    activation_clip: str = "minmax"
+    percentile: float = 99.99
+    bias_correction: bool = False
+    stochastic_rounding: bool = False
+    calibration_samples: int = 256
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.weight_quantizer not in QUANTIZERS:
+            raise BitsearchError(f"unknown weight quantizer {self.weight_quantizer!r}; known: {sorted(QUANTIZERS)}")
+        if self.activation_quantizer != "auto" and self.activation_quantizer not in QUANTIZERS:
+            raise BitsearchError(
+                f"unknown activation quantizer {self.activation_quantizer!r}; known: auto, {sorted(QUANTIZERS)}"
+            )
+        if self.weight_granularity not in ("per_channel", "per_tensor"):
+            raise BitsearchError("weight_granularity must be 'per_channel' or 'per_tensor'")
+        for what, m in (("weight_clip", self.weight_clip), ("activation_clip", self.activation_clip)):
+            if m not in CLIP_METHODS:
+                raise BitsearchError(f"unknown {what} {m!r}; known: {sorted(CLIP_METHODS)}")
+        if self.activation_clip in DATA_CLIPS:
+            raise BitsearchError(f"activation_clip {self.activation_clip!r} is for weights only")
+        if not 50.0 <= self.percentile <= 100.0:
+            raise BitsearchError("percentile must be within [50, 100]")
+        if self.calibration_samples < 1 or self.batch_size < 1:
+            raise BitsearchError("calibration_samples and batch_size must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise BitsearchError(f"unknown quantization option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return F.conv_transpose2d(
+            x, w, b, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+        )
+    return layer._conv_forward(x, w, b)  # Conv1d/2d/3d, padding modes included
+
+
+class QuantizedLayer(nn.Module):
+    """A quantizable layer with an input-activation quantizer and a weight quantizer."""
+
+    def __init__(self, layer: nn.Module, name: str, config: QuantConfig):
+        super().__init__()
+        self.layer = layer
+        self.name = name
+        self.config = config
+        self.stats: InputStats | None = None
+        self.observing = False
+        self.bits: LayerBits | None = None
+        self.input_quant: Quantizer = FloatQuantizer(32)
+        self.weight_quant: Quantizer = FloatQuantizer(32)
+        self.register_buffer("bias_correction", None)
+        self._wq_cache: tuple[int, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, bits={self.bits.label() if self.bits else None}"
+
+    # --- configuration ----------------------------------------------------------------------------
+    def _make_weight_quantizer(self, bits: LayerBits) -> Quantizer:
+        per_channel = self.config.weight_granularity == "per_channel"
+        kw = dict(per_channel=per_channel, ch_axis=0, stochastic=self.config.stochastic_rounding)
+        if is_float_bits(bits.weight_bits):
+            return FloatQuantizer(bits.weight_bits)
+        if bits.weight_quantizer == "ternary":
+            return make_quantizer("ternary", 2, **kw)
+        if bits.weight_bits == 1 or bits.weight_quantizer == "binary":
+            return make_quantizer("binary", 1, **{**kw, "per_channel": True})
+        return make_quantizer(self.config.weight_quantizer, bits.weight_bits, **kw)
+
+    def _make_input_quantizer(self, bits: LayerBits) -> Quantizer:
+        if is_float_bits(bits.activation_bits):
+            return FloatQuantizer(bits.activation_bits)
+        name = self.config.activation_quantizer
+        if name == "auto":
+            if self.stats is None:
+                raise BitsearchError(f"layer {self.name!r}: activation quantization needs calibration data")
+            name = "uint" if self.stats.min >= 0 else "int_asym"
+        return make_quantizer(name, bits.activation_bits, stochastic=False)
+
+    @torch.no_grad()
+    def set_bits(self, bits: LayerBits) -> None:
+        """Quantize this layer at `bits`, deriving ranges from the stored calibration statistics."""
+        if bits == self.bits:
+            return
+        cfg = self.config
+        w = self.layer.weight.detach()
+        wq = self._make_weight_quantizer(bits)
+        mean, ctx = (self.stats.weight_moments(self.layer) if self.stats else (None, ClipContext()))
+        ctx.percentile = cfg.percentile
+        if not wq.self_calibrating:
+            if cfg.weight_clip in DATA_CLIPS and self.stats is None:
+                raise BitsearchError(f"weight_clip {cfg.weight_clip!r} needs calibration data")
+            rows = w.flatten(1) if wq.per_channel else w.reshape(1, -1)
+            if not wq.per_channel:
+                ctx = ClipContext(percentile=cfg.percentile)  # per-row moments do not apply to one row
+            lo, hi = clip_range(cfg.weight_clip, rows, wq, ctx)
+            wq.set_range(lo if wq.per_channel else lo[0], hi if wq.per_channel else hi[0])
+        wq.to(w.device)
+        self.weight_quant = wq
+        iq = self._make_input_quantizer(bits)
+        if not iq.self_calibrating:
+            calibrate_activation(iq, self.stats, cfg.activation_clip, cfg.percentile)
+        self.input_quant = iq.to(w.device)
+        self.bias_correction = None
+        if cfg.bias_correction and not is_float_bits(bits.weight_bits):
+            if mean is None:
+                raise BitsearchError("bias_correction needs calibration data")
+            self.bias_correction = self._output_shift(wq(w) - w, mean)
+        self.bits = bits
+        self._wq_cache = None
+
+    def _output_shift(self, delta: torch.Tensor, mean: torch.Tensor) -> torch.Tensor | None:
+        """E[ΔW·x]: the expected shift of each output channel that the weight error causes."""
+        if isinstance(self.layer, nn.ConvTranspose2d):
+            if self.layer.groups != 1:
+                return None  # rare; left uncorrected rather than approximated wrongly
+            # mean is (C_in, d) broadcast per input row; sum rows and kernel positions per output channel.
+            m = mean[:, :1].reshape(-1, 1, *([1] * (delta.dim() - 2)))
+            return -(delta * m).sum(dim=[0, *range(2, delta.dim())])
+        d2 = delta.flatten(1)
+        shift = d2 @ mean if mean.dim() == 1 else (d2 * mean).sum(1)
+        return -shift
+
+    # --- forward --------------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self.weight_quant(w)
+        # Weights are constant in evaluation: quantize once per weight version.
+        if self._wq_cache is None or self._wq_cache[0] != w._version:
+            with torch.no_grad():
+                self._wq_cache = (w._version, self.weight_quant(w))
+        return self._wq_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            if self.stats is None:
+                self.stats = InputStats()
+            self.stats.update(self.layer, x)
+            return self.layer(x)
+        if self.bits is None:
+            return self.layer(x)
+        b = self.layer.bias
+        if self.bias_correction is not None:
+            b = self.bias_correction if b is None else b + self.bias_correction
+        return _layer_forward(self.layer, self.input_quant(x), self.quantized_weight(), b)
+
+
+# --- model-level helpers ---------------------------------------------------------------------------
+
+
+def iter_batches(data: Any, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Input batches from a tensor, a dataset with `.x`, or an iterable of tensors / (x, y) tuples."""
+    if data is None:
+        return
+    if hasattr(data, "x") and torch.is_tensor(getattr(data, "x")):
+        data = data.x
+    seen = 0
+    if torch.is_tensor(data):
+        for i in range(0, data.shape[0], batch_size):
+            if limit is not None and seen >= limit:
+                return
+            xb = data[i : i + batch_size]
+            if limit is not None:
+                xb = xb[: limit - seen]
+            seen += xb.shape[0]
+            yield xb
+        return
+    for item in data:
+        xb = item[0] if isinstance(item, (tuple, list)) else item
+        if not torch.is_tensor(xb):
+            raise BitsearchError(f"calibration batches must be tensors, got {type(xb).__name__}")
+        if limit is not None:
+            if seen >= limit:
+                return
+            xb = xb[: limit - seen]
+        seen += xb.shape[0]
+        yield xb
+
+
+def wrap_model(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedLayer]:
+    """Replace every quantizable module of `model` in place by a QuantizedLayer; returns them by name.
+
+    A module reachable under several names (shared weights) gets one wrapper, named by its first path.
+    """
+    wrappers: dict[int, QuantizedLayer] = {}
+    for name, module in model.named_modules():
+        if is_quantizable(module) and id(module) not in wrappers:
+            wrappers[id(module)] = QuantizedLayer(module, name, config)
+    if not wrappers:
+        raise BitsearchError("the model has no quantizable layer")
+    for parent in list(model.modules()):
+        if isinstance(parent, QuantizedLayer):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if id(child) in wrappers:
+                setattr(parent, child_name, wrappers[id(child)])
+    return {w.name: w for w in wrappers.values()}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {m.name: m for m in model.modules() if isinstance(m, QuantizedLayer)}
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, layers: dict[str, QuantizedLayer], data: Any, config: QuantConfig) -> int:
+    """One pass over the calibration data in float, recording every wrapped layer's input statistics."""
+    for q in layers.values():
+        q.observing, q.stats = True, None
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for xb in iter_batches(data, config.batch_size, config.calibration_samples):
+            model(xb)
+            n += xb.shape[0]
+    finally:
+        for q in layers.values():
+            q.observing = False
+        model.train(was_training)
+    if n == 0:
+        raise BitsearchError("the calibration data are empty")
+    return n
+
+
+def needs_calibration(allocation: Allocation, config: QuantConfig) -> bool:
+    acts = any(not is_float_bits(b.activation_bits) for b in allocation.layers.values())
+    return acts or config.weight_clip in DATA_CLIPS or config.bias_correction
+
+
+def set_allocation(model: nn.Module, allocation: Allocation) -> None:
+    """Re-quantize an already wrapped and calibrated model for another allocation (no data pass)."""
+    layers = quantized_layers(model)
+    allocation.check_layers(layers)
+    for name, q in layers.items():
+        q.set_bits(allocation[name])
+
+
+def apply_allocation(
+    model: nn.Module,
+    allocation: Allocation,
+    calibration: Any = None,
+    config: QuantConfig | None = None,
+) -> nn.Module:
+    """A fake-quantized copy of `model` for `allocation`; `model` itself is left untouched.
+
+    `calibration`: input batches (tensor, dataset with `.x`, or iterable of tensors / (x, y) tuples); needed
+    when any activation is quantized, for data-driven weight clipping and for bias correction.
+    """
+    config = config or QuantConfig()
+    qmodel = copy.deepcopy(model)
+    layers = wrap_model(qmodel, config)
+    allocation.check_layers(layers)
+    if needs_calibration(allocation, config):
+        if calibration is None:
+            raise BitsearchError(
+                "calibration data are needed (quantized activations, data-driven clipping or bias correction)"
+            )
+        collect_statistics(qmodel, layers, calibration, config)
+    for name, q in layers.items():
+        q.set_bits(allocation[name])
+    return qmodel.eval()
