@@ -238,8 +238,9 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedLaye
     for parent in list(model.modules()):
         if isinstance(parent, QuantizedLayer):
             continue
-        for child_name, child in list(parent.named_children()):
-            if id(child) in wrappers:
+        # _modules, not named_children(): the latter hides a second name of the same module.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in wrappers:
                 setattr(parent, child_name, wrappers[id(child)])
     return {w.name: w for w in wrappers.values()}
 

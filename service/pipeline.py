@@ -1,0 +1,141 @@
+"""The stages of the data path as plain functions over typed objects.
+
+The CLI, the REST service and the workers all call these, so a result means the same wherever it was made:
+`resolve_inputs` turns references into a model and data, `run_ptq` quantizes and measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers
+from quant.cost import CostModel
+from quant.errors import BitsearchError
+from quant.layers import LayerInfo
+from zoo import ArrayDataset, DataSplits, EvalResult, LoadedModel, evaluate, load_data, load_model, split
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class Inputs:
+    """A model with its layers, and the data to calibrate on and to evaluate on (disjoint)."""
+
+    loaded: LoadedModel
+    layers: list[LayerInfo]
+    calibration: ArrayDataset | None
+    evaluation: ArrayDataset | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+
+def resolve_inputs(
+    model_ref: str,
+    weights: str | None = None,
+    data_ref: str | None = None,
+    calib_ref: str | None = None,
+    calib_size: int = 256,
+    eval_limit: int | None = None,
+    seed: int = 0,
+) -> Inputs:
+    """Load the model and its data. Without `data_ref`, a zoo model's own data set is used.
+
+    Calibration comes from `calib_ref` when given, else from the data set's calibration split, else from a
+    random part of `data_ref` that is then held out of the evaluation (said in `notes`).
+    """
+    loaded = load_model(model_ref, weights)
+    notes = list(loaded.warnings)
+    data_ref = data_ref or loaded.spec.dataset
+    calibration = evaluation = None
+    if data_ref is not None:
+        data = load_data(data_ref, loaded.normalisation, seed=seed)
+        if isinstance(data, DataSplits):
+            calibration, evaluation = data.calibration, data.test
+        else:
+            evaluation = data
+    if calib_ref is not None:
+        cal = load_data(calib_ref, loaded.normalisation, seed=seed)
+        calibration = cal.calibration or cal.train if isinstance(cal, DataSplits) else cal
+        calibration = calibration.take(calib_size, seed=seed)
+    elif calibration is None and evaluation is not None:
+        parts = split(evaluation, calibration=calib_size, test=len(evaluation) - calib_size, seed=seed)
+        calibration, evaluation = parts.calibration, parts.test
+        notes.append(
+            f"calibrating on {len(calibration)} items of the evaluation data, held out from the score "
+            "(give --calib-data to calibrate on other data)"
+        )
+    elif calibration is not None:
+        calibration = calibration.take(calib_size, seed=seed)
+    if evaluation is not None and eval_limit is not None:
+        evaluation = evaluation.take(eval_limit, seed=seed)
+    example = loaded.example_input if calibration is None else calibration.x[:2]
+    layers = discover_layers(loaded.model, example)
+    return Inputs(loaded, layers, calibration, evaluation, notes)
+
+
+@dataclass
+class PTQResult:
+    """One quantized variant of the model: its allocation, what it costs and how well it does."""
+
+    label: str
+    allocation: Allocation
+    cost: dict[str, Any]
+    metrics: dict[str, Any]  # EvalResult fields (top1, loss, agreement, kl); empty without evaluation data
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "allocation": self.allocation.to_dict(),
+            "cost": self.cost,
+            "metrics": self.metrics,
+        }
+
+
+def _metrics(result: EvalResult | None) -> dict[str, Any]:
+    return {} if result is None else result.to_dict()
+
+
+def run_ptq(
+    inputs: Inputs,
+    allocations: list[tuple[str, Allocation]],
+    config: QuantConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[PTQResult, list[PTQResult]]:
+    """Post-training quantization of each allocation; returns the FP32 reference and the quantized results."""
+    config = config or QuantConfig()
+    progress = progress or (lambda msg: None)
+    cost_model = CostModel(inputs.layers, weight_granularity=config.weight_granularity)
+    model = inputs.loaded.model
+    ev = inputs.evaluation
+    progress("evaluating FP32")
+    fp = evaluate(model, ev) if ev is not None else None
+    fp32_alloc = Allocation.uniform(inputs.layer_names, LayerBits(32, 32), model=inputs.loaded.spec.ref)
+    reference = PTQResult("FP32", fp32_alloc, cost_model.cost(fp32_alloc).to_dict(), _metrics(fp))
+    results = []
+    for label, alloc in allocations:
+        progress(f"quantizing {label}")
+        qmodel = apply_allocation(model, alloc, inputs.calibration, config)
+        progress(f"evaluating {label}")
+        res = evaluate(qmodel, ev, reference_logits=fp.logits if fp else None) if ev is not None else None
+        results.append(PTQResult(label, alloc, cost_model.cost(alloc).to_dict(), _metrics(res)))
+    return reference, results
+
+
+def uniform_allocations(inputs: Inputs, bits: list[str]) -> list[tuple[str, Allocation]]:
+    out = []
+    for b in bits:
+        lb = LayerBits.parse(b)
+        out.append((lb.label(), Allocation.uniform(inputs.layer_names, lb, model=inputs.loaded.spec.ref)))
+    if not out:
+        raise BitsearchError("give at least one --bits option")
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

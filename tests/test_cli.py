@@ -1,0 +1,45 @@
+"""The command line: readable output, JSON results, clear errors without tracebacks."""
+
+import json
+
+import pytest
+
+from service.cli import main
+
+
+def test_ptq_on_digits_writes_json(tmp_path, capsys):
+    out = tmp_path / "ptq.json"
+    code = main(["ptq", "--model", "zoo:digits-mlp", "--bits", "8/8", "--bits", "2", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "W8A8" in text and "FP32" in text
+    result = json.loads(out.read_text())
+    assert result["model"] == "zoo:digits-mlp"
+    fp, (w8, w2) = result["reference"], result["results"]
+    assert fp["metrics"]["top1"] >= 95
+    assert abs(w8["metrics"]["top1"] - fp["metrics"]["top1"]) <= 1.0
+    assert w2["metrics"]["top1"] < w8["metrics"]["top1"]
+    assert w2["cost"]["weight_memory_bits"] < w8["cost"]["weight_memory_bits"] < fp["cost"]["weight_memory_bits"]
+    assert w8["allocation"]["schema"] == "bitsearch.allocation"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["ptq", "--model", "zoo:nope"], "unknown zoo model"),
+        (["ptq", "--model", "zoo:digits-mlp", "--bits", "9/8"], "weight_bits must be one of"),
+        (["ptq", "--model", "zoo:digits-mlp", "--clip", "foo"], "unknown weight_clip"),
+        (["ptq", "--model", "zoo:digits-mlp", "--data", "/no/such.npz"], "does not exist"),
+        (["ptq", "--model", "zoo:cifar-resnet20"], "give --data"),
+    ],
+)
+def test_user_errors_are_messages_not_tracebacks(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err.replace("\n", " ")
+    assert "Traceback" not in err
+
+
+def test_missing_option_is_a_usage_error(capsys):
+    assert main(["ptq"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""Accuracy and fidelity of a (quantized) model on an in-memory data set.
+
+The search evaluates the same model on the same images many times, so this is kept to one batched forward
+pass under `inference_mode`, written into a preallocated logits tensor, and every metric is derived from
+those logits. Fidelity to the FP32 model (top-1 agreement and KL divergence against its logits) needs no
+labels, which is what makes label-free data usable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.errors import BitsearchError
+
+from .data import ArrayDataset
+
+#: Small enough for a CIFAR ResNet's activations to stay in cache; measured faster on CPU than 500+.
+DEFAULT_BATCH_SIZE = 128
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)  # e.g. Hugging Face model outputs
+    if torch.is_tensor(logits):
+        return logits
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise BitsearchError(f"the model returned a {type(output).__name__}; expected a tensor of logits")
+
+
+def predict(
+    model: nn.Module, data: ArrayDataset | torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
+) -> torch.Tensor:
+    """Logits (float32, N×K) of `model` on every item of `data`, in order.
+
+    The model runs in eval mode (its previous mode is restored afterwards) without autograd.
+    """
+    x = data.x if isinstance(data, ArrayDataset) else data
+    if batch_size < 1:
+        raise BitsearchError(f"batch size must be at least 1, got {batch_size}")
+    n = int(x.shape[0])
+    if n == 0:
+        raise BitsearchError("cannot evaluate on an empty data set")
+    was_training = model.training
+    model.eval()
+    out: torch.Tensor | None = None
+    try:
+        with torch.inference_mode():
+            for i in range(0, n, batch_size):
+                logits = _logits_of(model(x[i : i + batch_size]))
+                if logits.dim() != 2 or logits.shape[0] != min(batch_size, n - i):
+                    raise BitsearchError(
+                        f"the model returned logits of shape {tuple(logits.shape)} for a batch of "
+                        f"{min(batch_size, n - i)}; expected (batch, classes)"
+                    )
+                if out is None:
+                    out = torch.empty((n, logits.shape[1]), dtype=torch.float32)
+                out[i : i + len(logits)] = logits
+    finally:
+        model.train(was_training)
+    assert out is not None
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Metrics over `n` items; a metric is None when its inputs (labels, reference) were not given."""
+
+    n: int
+    top1: float | None = None  # percent correct
+    agreement: float | None = None  # percent of items whose top-1 class matches the reference's
+    kl: float | None = None  # mean KL(reference || model) of the softmax outputs, in nats
+    loss: float | None = None  # mean cross-entropy against the labels
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # for reuse as a reference
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"n": self.n, "top1": self.top1, "agreement": self.agreement, "kl": self.kl, "loss": self.loss}
+
+
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    reference_logits: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> EvalResult:
+    """Top-1 and loss (when `data` has labels) and fidelity to `reference_logits` (when given).
+
+    Pass `result.logits` of the FP32 model as `reference_logits` when evaluating its quantized versions.
+    """
+    logits = predict(model, data, batch_size)
+    result = EvalResult(n=len(logits), logits=logits)
+    if data.y is not None:
+        y = data.y
+        if int(y.max()) >= logits.shape[1]:
+            raise BitsearchError(
+                f"{data.name} has labels up to {int(y.max())} but the model outputs {logits.shape[1]} classes"
+            )
+        result.top1 = (logits.argmax(1) == y).double().mean().item() * 100.0
+        result.loss = F.cross_entropy(logits, y).item()
+    if reference_logits is not None:
+        ref = reference_logits.detach().to(torch.float32)
+        if ref.shape != logits.shape:
+            raise BitsearchError(
+                f"reference logits have shape {tuple(ref.shape)} but the model's are {tuple(logits.shape)}"
+            )
+        result.agreement = (logits.argmax(1) == ref.argmax(1)).double().mean().item() * 100.0
+        log_p_ref = F.log_softmax(ref, dim=1)
+        log_q = F.log_softmax(logits, dim=1)
+        kl = F.kl_div(log_q, log_p_ref, reduction="batchmean", log_target=True).item()
+        result.kl = max(kl, 0.0)  # rounding can leave a tiny negative number for identical outputs
+    return result
