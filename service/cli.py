@@ -161,6 +161,96 @@ def models(json_path: Optional[Path] = typer.Option(None, "--json", help="Write 
     write_json(json_path, {"command": "models", "models": rows})
 
 
+def _sf():
+    from db.session import session_factory
+    from service.settings import get_settings
+
+    return session_factory(get_settings().db_url)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("cpu,gpu", "--queues", help="Comma-separated queues to take jobs from."),
+    gpu: Optional[int] = typer.Option(None, "--gpu", help="Bind this worker to one GPU (CUDA_VISIBLE_DEVICES)."),
+    max_jobs: Optional[int] = typer.Option(None, "--max-jobs", min=1, help="Exit after this many jobs."),
+    idle_exit: Optional[float] = typer.Option(None, "--idle-exit", help="Exit after this many idle seconds."),
+) -> None:
+    """Run jobs: a Celery worker when BITSEARCH_BROKER_URL is set, else a local worker on the SQL table."""
+    import logging
+    import os
+
+    from service.settings import get_settings
+
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    qs = [q.strip() for q in queues.split(",") if q.strip()]
+    if not qs:
+        raise BitsearchError("--queues needs at least one queue name")
+    settings = get_settings()
+    if settings.broker_url:
+        from service.jobs.celery_app import run_worker
+
+        run_worker(qs)
+        return
+    from service.jobs.local import work_loop
+
+    _sf()  # migrate before the first claim
+    n = work_loop(qs, max_jobs=max_jobs, idle_exit=idle_exit)
+    console.print(f"worker stopped after {n} job(s)")
+
+
+@app.command()
+def jobs(
+    job_id: Optional[str] = typer.Argument(None, help="Show one job in full."),
+    status_filter: Optional[str] = typer.Option(None, "--status", help="queued, running, succeeded, failed, cancelled."),
+    cancel: bool = typer.Option(False, "--cancel", help="Cancel the given job."),
+    limit: int = typer.Option(20, "--limit", min=1, max=1000),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the listing as JSON."),
+) -> None:
+    """List jobs, or show (and optionally cancel) one."""
+    from db import jobs as repo
+    from db.models import JobStatus
+
+    sf = _sf()
+    if status_filter and status_filter not in {s.value for s in JobStatus}:
+        raise BitsearchError(f"--status must be one of {[s.value for s in JobStatus]}")
+    if job_id:
+        job = repo.cancel(sf, job_id) if cancel else repo.get(sf, job_id)
+        if job is None:
+            raise BitsearchError(f"no job {job_id!r}")
+        payload = _job_dict(job)
+        payload["results"] = [
+            {"id": r.id, "metrics": r.metrics, "checkpoint_path": r.checkpoint_path} for r in repo.results_for(sf, job.id)
+        ]
+        console.print_json(data=payload)
+        write_json(json_path, payload)
+        return
+    if cancel:
+        raise BitsearchError("--cancel needs a job id")
+    rows = repo.list_jobs(sf, status_filter, limit=limit)
+    table = Table(title=f"jobs ({len(rows)})")
+    for col in ("id", "kind", "queue", "status", "progress", "attempts", "message", "created"):
+        table.add_column(col)
+    for j in rows:
+        table.add_row(j.id, j.kind, j.queue, j.status.value, f"{j.progress * 100:.0f} %", str(j.attempts),
+                      (j.error or j.message or "")[:60], j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(table)
+    write_json(json_path, {"command": "jobs", "jobs": [_job_dict(j) for j in rows]})
+
+
+def _job_dict(j: Any) -> dict[str, Any]:
+    def ts(v):
+        return v.isoformat() if v else None
+
+    return {
+        "id": j.id, "kind": j.kind, "queue": j.queue, "status": j.status.value, "progress": j.progress,
+        "message": j.message, "attempts": j.attempts, "max_attempts": j.max_attempts, "worker_id": j.worker_id,
+        "created_at": ts(j.created_at), "started_at": ts(j.started_at), "finished_at": ts(j.finished_at),
+        "heartbeat_at": ts(j.heartbeat_at), "error": j.error, "spec": j.spec, "result": j.result,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become a message on stderr and a non-zero exit."""
     warnings.simplefilter("ignore", UserWarning)  # zoo notes are printed as notes, not warnings

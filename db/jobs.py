@@ -1,0 +1,218 @@
+"""All job-table access in one place: submit, claim, heartbeat, finish, cancel, and recovery of lost jobs.
+
+Every state change is a conditional UPDATE (compare-and-set on status and worker), so two workers can never
+both claim a job, and a worker that lost its job (requeued after a stale heartbeat) cannot overwrite it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Job, JobStatus, Result, utcnow
+
+ACTIVE = (JobStatus.queued, JobStatus.running)
+
+
+def submit(
+    sf: sessionmaker[Session],
+    kind: str,
+    spec: dict[str, Any],
+    queue: str = "cpu",
+    max_attempts: int = 3,
+    schedule_id: str | None = None,
+) -> Job:
+    with sf.begin() as s:
+        job = Job(kind=kind, spec=spec, queue=queue, max_attempts=max_attempts, schedule_id=schedule_id)
+        s.add(job)
+        s.flush()
+        s.refresh(job)
+        s.expunge(job)
+        return job
+
+
+def get(sf: sessionmaker[Session], job_id: str) -> Job | None:
+    with sf() as s:
+        job = s.get(Job, job_id)
+        if job is not None:
+            s.expunge(job)
+        return job
+
+
+def list_jobs(
+    sf: sessionmaker[Session], status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
+) -> list[Job]:
+    with sf() as s:
+        q = select(Job).order_by(Job.created_at.desc()).limit(limit).offset(offset)
+        if status:
+            q = q.where(Job.status == JobStatus(status))
+        if kind:
+            q = q.where(Job.kind == kind)
+        jobs = list(s.scalars(q))
+        for j in jobs:
+            s.expunge(j)
+        return jobs
+
+
+def requeue_stale(sf: sessionmaker[Session], stale_after: float) -> list[str]:
+    """Jobs left `running` by a dead worker (no heartbeat for `stale_after` s): queue them again, or fail them
+    once they have used all their attempts. Returns the ids queued again."""
+    cutoff = utcnow() - timedelta(seconds=stale_after)
+    requeued: list[str] = []
+    with sf.begin() as s:
+        stale = list(
+            s.scalars(select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < cutoff))
+        )
+        for job in stale:
+            if job.cancel_requested:
+                new = dict(status=JobStatus.cancelled, finished_at=utcnow(), message="cancelled (worker lost)")
+            elif job.attempts >= job.max_attempts:
+                new = dict(status=JobStatus.failed, finished_at=utcnow(),
+                           error=f"worker lost {job.attempts} time(s); giving up")
+            else:
+                new = dict(status=JobStatus.queued, worker_id=None, message="worker lost; queued again")
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == JobStatus.running, Job.heartbeat_at == job.heartbeat_at)
+                .values(**new)
+            )
+            if res.rowcount and new["status"] == JobStatus.queued:
+                requeued.append(job.id)
+    return requeued
+
+
+def claim(sf: sessionmaker[Session], worker_id: str, queues: Iterable[str] | None = None,
+          job_id: str | None = None) -> Job | None:
+    """Atomically take the oldest queued job (of `queues`, or the given one) for `worker_id`."""
+    with sf() as s:
+        q = select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.created_at).limit(8)
+        if job_id is not None:
+            q = q.where(Job.id == job_id)
+        elif queues:
+            q = q.where(Job.queue.in_(list(queues)))
+        candidates = list(s.scalars(q))
+    for cid in candidates:
+        with sf.begin() as s:
+            now = utcnow()
+            res = s.execute(
+                update(Job)
+                .where(Job.id == cid, Job.status == JobStatus.queued)
+                .values(status=JobStatus.running, worker_id=worker_id, attempts=Job.attempts + 1,
+                        heartbeat_at=now, started_at=func.coalesce(Job.started_at, now))
+            )
+            if res.rowcount == 1:
+                job = s.get(Job, cid)
+                s.expunge(job)
+                return job
+    return None
+
+
+def heartbeat(sf: sessionmaker[Session], job_id: str, worker_id: str, progress: float | None = None,
+              message: str | None = None) -> bool:
+    """Record liveness (and progress). Returns False when the job is no longer this worker's to run
+    (cancel requested, or requeued/finished elsewhere)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, float(progress)))
+    if message is not None:
+        values["message"] = message[:2000]
+    with sf.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running)
+            .values(**values)
+        )
+        if res.rowcount != 1:
+            return False
+        return not s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+
+
+@dataclass
+class ResultRow:
+    kind: str
+    metrics: dict[str, Any]
+    allocation: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
+    checkpoint_path: str | None = None
+
+
+def complete(sf: sessionmaker[Session], job_id: str, worker_id: str, result: dict[str, Any],
+             row: ResultRow | None = None) -> bool:
+    """Mark the job succeeded and store its result row in one transaction (never two rows for one job)."""
+    try:
+        with sf.begin() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running)
+                .values(status=JobStatus.succeeded, progress=1.0, finished_at=utcnow(), result=result,
+                        message="done", error=None)
+            )
+            if res.rowcount != 1:
+                s.rollback()
+                return False
+            if row is not None:
+                s.add(Result(job_id=job_id, kind=row.kind, metrics=row.metrics, allocation=row.allocation,
+                             recipe=row.recipe, cost=row.cost, checkpoint_path=row.checkpoint_path))
+        return True
+    except IntegrityError:  # a result row exists already: the job finished elsewhere
+        return False
+
+
+def finish(sf: sessionmaker[Session], job_id: str, worker_id: str, status: JobStatus, error: str | None = None,
+           message: str = "") -> bool:
+    with sf.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running)
+            .values(status=status, finished_at=utcnow(), error=error, message=message)
+        )
+        return res.rowcount == 1
+
+
+def cancel(sf: sessionmaker[Session], job_id: str) -> Job | None:
+    """Cancel a queued job at once; ask a running one to stop (its worker stops within seconds)."""
+    with sf.begin() as s:
+        s.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.cancelled, finished_at=utcnow(), message="cancelled", cancel_requested=True)
+        )
+        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+                  .values(cancel_requested=True))
+    return get(sf, job_id)
+
+
+def results_for(sf: sessionmaker[Session], job_id: str) -> list[Result]:
+    with sf() as s:
+        rows = list(s.scalars(select(Result).where(Result.job_id == job_id)))
+        for r in rows:
+            s.expunge(r)
+        return rows
+
+
+def wait_until(sf: sessionmaker[Session], job_id: str, statuses: Iterable[JobStatus], timeout: float,
+               poll: float = 0.2) -> Job | None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    wanted = set(statuses)
+    while time.monotonic() < deadline:
+        job = get(sf, job_id)
+        if job is not None and job.status in wanted:
+            return job
+        time.sleep(poll)
+    return get(sf, job_id)
+
+
+def count_active(sf: sessionmaker[Session]) -> int:
+    with sf() as s:
+        return s.scalar(select(func.count()).select_from(Job).where(or_(*(Job.status == st for st in ACTIVE)))) or 0
+
+
+def now() -> datetime:
+    return utcnow()

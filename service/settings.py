@@ -1,0 +1,38 @@
+"""Settings from the environment (`BITSEARCH_*`), through pydantic-settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BITSEARCH_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".bitsearch")
+    database_url: str | None = None  # default: SQLite under data_dir
+    broker_url: str | None = None  # set: jobs go to Celery; unset: the in-process/local executor
+    heartbeat_interval: float = 2.0  # seconds between a running job's heartbeats
+    stale_after: float = 20.0  # a running job without a heartbeat for this long is taken as lost
+    max_attempts: int = 3
+    qat_queue: str = "cpu"  # "gpu" sends fine-tuning to GPU workers
+    poll_interval: float = 0.5  # how often an idle local worker looks for work
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.data_dir.expanduser() / 'bitsearch.db'}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir.expanduser() / "jobs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

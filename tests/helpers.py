@@ -1,0 +1,35 @@
+"""Test helpers shared by several test modules."""
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+from db.session import make_engine, migrate, normalise_url
+
+
+def db_urls() -> list:
+    """SQLite always; PostgreSQL too when BITSEARCH_TEST_POSTGRES_URL is set."""
+    urls = [pytest.param("sqlite", id="sqlite")]
+    pg = os.environ.get("BITSEARCH_TEST_POSTGRES_URL")
+    urls.append(pytest.param(pg, id="postgres", marks=[] if pg else pytest.mark.skip(
+        reason="BITSEARCH_TEST_POSTGRES_URL is not set")))
+    return urls
+
+
+def make_sf(url: str | None, tmp_path):
+    """A fresh, migrated database: a SQLite file, or a private schema in the test PostgreSQL."""
+    if url == "sqlite" or url is None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'test.db'}")
+    else:
+        schema = "t_" + uuid.uuid4().hex[:12]
+        base = make_engine(url)
+        with base.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        base.dispose()
+        sep = "&" if "?" in url else "?"
+        engine = make_engine(normalise_url(url) + f"{sep}options=-csearch_path%3D{schema}")
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
