@@ -139,3 +139,138 @@ def uniform_allocations(inputs: Inputs, bits: list[str]) -> list[tuple[str, Allo
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+# --- search: model + data -> SensitivityTable -> ParetoFront (measured) -> recommendations -------------------
+
+SEARCH_FIELDS = {
+    "model", "weights", "data", "calib_data", "calib_size", "eval_limit", "seed", "budgets", "weight_bits",
+    "activation_bits", "constraints", "method", "method_params", "samples", "solver", "solver_params", "pareto",
+    "pareto_metric", "quant", "measure", "latency_table", "keep_first_last",
+}
+
+
+@dataclass
+class SearchSpec:
+    """One search request, as the CLI, the REST API and the workers all pass it (JSON-able)."""
+
+    model: str
+    weights: str | None = None
+    data: str | None = None  # None with a zoo model: its own data set; "none": data-free
+    calib_data: str | None = None
+    calib_size: int = 256
+    eval_limit: int | None = None
+    seed: int = 0
+    budgets: list[str] = field(default_factory=list)
+    weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    activation_bits: list[int] = field(default_factory=lambda: [32])
+    constraints: dict[str, Any] = field(default_factory=dict)
+    keep_first_last: bool = False  # pin the first and last layer at 8 bits
+    method: str = "hessian"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    samples: int = 256
+    solver: str = "ilp"
+    solver_params: dict[str, Any] = field(default_factory=dict)
+    pareto: int = 10
+    pareto_metric: str | None = None  # default: the first budget's metric, else average weight bits
+    quant: dict[str, Any] = field(default_factory=dict)
+    measure: bool = True
+    latency_table: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchSpec":
+        if not isinstance(d, dict):
+            raise BitsearchError("a search spec must be an object")
+        unknown = set(d) - SEARCH_FIELDS
+        if unknown:
+            raise BitsearchError(f"unknown search field(s) {sorted(unknown)}; known: {sorted(SEARCH_FIELDS)}")
+        if "model" not in d or not isinstance(d["model"], str):
+            raise BitsearchError("a search needs a model reference (e.g. zoo:digits-cnn)")
+        spec = cls(**d)
+        budgets = []
+        for b in spec.budgets:
+            if isinstance(b, dict):  # {"metric": ..., "value"/"limit": ...}
+                b = f"{b.get('metric')}={b.get('value', b.get('limit'))}"
+            budgets.append(str(b))
+        spec.budgets = budgets
+        if not isinstance(spec.pareto, int) or isinstance(spec.pareto, bool) or not 1 <= spec.pareto <= 500:
+            raise BitsearchError("pareto must be an integer number of points within 1..500")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """The whole search: sensitivity table, Pareto front over budgets, measured selection, recommendations."""
+    import time
+
+    from quant.cost import CostModel
+    from search import AllocationProblem, Constraints, measure_front, pareto_front, parse_budgets, recommend
+    from sensitivity import SensitivityOptions, compute_sensitivity
+
+    s = spec if isinstance(spec, SearchSpec) else SearchSpec.from_dict(spec)
+    progress = progress or (lambda f, m: None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    progress(0.0, "loading model and data")
+    data_free = s.data == "none"
+    inputs = resolve_inputs(s.model, s.weights, None if data_free else s.data, s.calib_data, s.calib_size,
+                            s.eval_limit, s.seed)
+    config = QuantConfig.from_dict(s.quant) if s.quant else QuantConfig()
+    budgets = parse_budgets(s.budgets)  # validate before the expensive part
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    options = SensitivityOptions(tuple(s.weight_bits), tuple(s.activation_bits), samples=s.samples, seed=s.seed,
+                                 quant=config, params=dict(s.method_params))
+    sens_data = None if data_free else inputs.calibration
+    table = compute_sensitivity(inputs.loaded.model, sens_data, s.method, options,
+                                progress=lambda f, m: progress(0.05 + 0.45 * f, f"sensitivity: {m}"),
+                                example_input=inputs.loaded.example_input)
+    timings["sensitivity"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress(0.5, "solving")
+    cost = CostModel(table.layers, s.latency_table, weight_granularity=config.weight_granularity)
+    constraints = Constraints.from_dict(s.constraints)
+    if s.keep_first_last:
+        constraints.pin_first = constraints.pin_first or LayerBits(8, 8)
+        constraints.pin_last = constraints.pin_last or LayerBits(8, 8)
+    problem = AllocationProblem(table, cost, budgets, constraints)
+    metric = s.pareto_metric or (budgets[0].metric if budgets else "avg_weight_bits")
+    front = pareto_front(problem, metric, s.pareto, s.solver, **s.solver_params)
+    timings["solve"] = time.perf_counter() - t
+
+    recommendations: list[dict[str, Any]] = []
+    if s.measure and inputs.evaluation is not None:
+        t = time.perf_counter()
+        calib = None if data_free else inputs.calibration
+        if calib is None and any(not b.activation_bits >= 16 for b in table.options):
+            from sensitivity.datafree import distill_inputs
+
+            calib = distill_inputs(inputs.loaded.model, inputs.loaded.example_input, s.calib_size, seed=s.seed)
+        front = measure_front(front, inputs.loaded.model, calib, inputs.evaluation, config,
+                              progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
+        timings["measure"] = time.perf_counter() - t
+        # one recommendation per swept budget (the front's own budgets stay in force)
+        sweep = sorted({p.budget for p in front.points if p.budget is not None})
+        for limit in sweep:
+            rec = recommend(front, f"{metric}={limit}")
+            recommendations.append({"budget": {"metric": metric, "limit": limit}, "point": rec.to_dict()})
+        if budgets:
+            rec = recommend(front, budgets)
+            recommendations.append({"budget": "requested", "budgets": [b.to_dict() for b in budgets],
+                                    "point": rec.to_dict()})
+    progress(1.0, "done")
+    return {
+        "spec": s.to_dict(),
+        "layers": [l.to_dict() for l in table.layers],
+        "sensitivity": table.to_dict(),
+        "front": front.to_dict(),
+        "recommendations": recommendations,
+        "timings": timings,
+        "notes": inputs.notes + list(front.notes),
+    }
