@@ -1,0 +1,162 @@
+"""`bitsearch sensitivity`, `bitsearch search` and `bitsearch finetune`: the data path from the shell.
+
+They register on the one `bitsearch` app; each calls the same pipeline function the service and the
+workers call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from quant.errors import BitsearchError
+
+from .cli import app, console, err_console, fmt_bytes, fmt_num, status, write_json
+
+
+def _bits_list(text: str, what: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part in ("fp", "fp32", "float"):
+            out.append(32)
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise BitsearchError(f"{what} must be comma-separated bit-widths (e.g. 2,3,4,8), got {text!r}") from None
+    if not out:
+        raise BitsearchError(f"{what} is empty")
+    return out
+
+
+def _table_of_sensitivity(table) -> Table:
+    t = Table(title=f"sensitivity ({table.method}): estimated loss increase per layer and option")
+    t.add_column("layer")
+    t.add_column("params", justify="right")
+    for o in table.options:
+        t.add_column(o.label(), justify="right")
+    for i, layer in enumerate(table.layers):
+        cells = []
+        for j in range(len(table.options)):
+            v = table.values[i, j]
+            cell = "—" if v != v else f"{v:.3g}"
+            if table.stderr is not None and table.stderr[i, j] == table.stderr[i, j] and table.stderr[i, j] > 0:
+                cell += f" ±{table.stderr[i, j]:.1g}"
+            cells.append(cell)
+        t.add_row(layer.name, str(layer.params), *cells)
+    return t
+
+
+@app.command()
+def sensitivity(
+    model: str = typer.Option(..., "--model", help="zoo:NAME."),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME, an .npz file, or 'none' for data-free."),
+    method: str = typer.Option("hessian", "--method", help="hessian, fisher, orthogonality, measured."),
+    weight_bits: str = typer.Option("2,3,4,5,6,8", "--weight-bits"),
+    activation_bits: str = typer.Option("32", "--activation-bits", help="e.g. 4,8,32 (32: weights only)."),
+    samples: int = typer.Option(256, "--samples", min=1, help="Data samples the method may use."),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table as JSON."),
+) -> None:
+    """Per-layer, per-bit-option sensitivity table."""
+    from sensitivity import SensitivityOptions, compute_sensitivity
+    from service.pipeline import resolve_inputs
+
+    options = SensitivityOptions(tuple(_bits_list(weight_bits, "--weight-bits")),
+                                 tuple(_bits_list(activation_bits, "--activation-bits")), samples=samples, seed=seed)
+    data_free = data == "none"
+    with status("loading model and data") as s:
+        inputs = resolve_inputs(model, str(weights) if weights else None, None if data_free else data,
+                                calib_size=samples, seed=seed)
+        if not data_free and inputs.calibration is None:
+            raise BitsearchError(f"{model} has no built-in data set: give --data (or --data none for data-free)")
+        table = compute_sensitivity(inputs.loaded.model, None if data_free else inputs.calibration, method, options,
+                                    progress=lambda f, m: s.update(f"{method}: {m} ({f * 100:.0f} %)"),
+                                    example_input=inputs.loaded.example_input)
+    console.print(_table_of_sensitivity(table))
+    extra = f", estimator {table.settings.get('estimator')}" if table.settings.get("estimator") else ""
+    console.print(
+        f"data: {table.data.get('name') or '—'} ({table.data.get('samples')} samples"
+        f"{', data-free' if table.data.get('data_free') else ''}); "
+        f"{table.cost.get('seconds', 0):.1f} s{extra}"
+    )
+    write_json(json_path, table.to_dict())
+
+
+@app.command()
+def search(
+    model: str = typer.Option(..., "--model", help="zoo:NAME."),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME, an .npz file, or 'none' for data-free."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data"),
+    budget: list[str] = typer.Option([], "--budget", help="metric=value, e.g. avg_wbits=3, bops=1.2e9. Repeatable."),
+    method: str = typer.Option("hessian", "--method", help="Sensitivity method."),
+    solver: str = typer.Option("ilp", "--solver", help="ilp, knapsack, lp, exhaustive."),
+    pareto: int = typer.Option(10, "--pareto", min=1, max=500, help="Points of the Pareto sweep."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Cost axis of the sweep (default: first budget's)."),
+    weight_bits: str = typer.Option("2,3,4,5,6,8", "--weight-bits"),
+    activation_bits: str = typer.Option("32", "--activation-bits"),
+    keep_first_last: bool = typer.Option(False, "--keep-first-last", help="Pin the first and last layer at W8A8."),
+    clip: str = typer.Option("auto", "--clip", help="Weight clipping used to realise every option."),
+    samples: int = typer.Option(256, "--samples", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on at most this many items."),
+    no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the front (predicted only)."),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON."),
+    allocation_out: Optional[Path] = typer.Option(None, "--allocation", help="Write the recommended allocation."),
+) -> None:
+    """Sensitivity, then the Pareto front of the allocation problem, measured, with recommendations."""
+    from search.problem import format_value
+    from service.pipeline import SearchSpec, run_search
+
+    spec = SearchSpec.from_dict({
+        "model": model, "weights": str(weights) if weights else None, "data": data, "calib_data": calib_data,
+        "budgets": list(budget), "method": method, "solver": solver, "pareto": pareto, "pareto_metric": metric,
+        "weight_bits": _bits_list(weight_bits, "--weight-bits"),
+        "activation_bits": _bits_list(activation_bits, "--activation-bits"), "keep_first_last": keep_first_last,
+        "quant": {"weight_clip": clip}, "samples": samples, "calib_size": samples, "eval_limit": limit,
+        "measure": not no_measure, "seed": seed,
+    })
+    with status("searching") as s:
+        out = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))
+    for note in out["notes"]:
+        err_console.print(f"[yellow]note:[/] {note}")
+    front = out["front"]
+    m = front["metric"]
+    ref = front.get("reference") or {}
+    t = Table(title=f"Pareto front of {model}: {method} + {solver}, cost axis {m}"
+                    + (f" (FP32 top-1 {ref['top1']:.2f} %)" if ref.get("top1") is not None else ""))
+    for col in ("kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", "top-1 %", "KL"):
+        t.add_column(col, justify="left" if col in ("kind", "allocation") else "right")
+    pts = sorted(front["points"] + front["uniform"], key=lambda p: (p["metrics"][m], p["kind"]))
+    for p in pts:
+        bits = sorted({(b["weight_bits"], b.get("activation_bits", 32)) for b in p["allocation"]["layers"].values()})
+        alloc = p["label"] or "mixed " + "/".join(f"W{w}" for w in sorted({w for w, _ in bits}))
+        t.add_row(p["kind"], alloc, format_value(m, p["metrics"][m]),
+                  fmt_bytes(p["metrics"]["weight_memory"] / 8), f"{p['metrics']['bops'] / 1e9:.3f}",
+                  f"{p['predicted']:.4g}", fmt_num(p["measured"].get("top1")), fmt_num(p["measured"].get("kl"), ".4f"))
+    console.print(t)
+    recs = out["recommendations"]
+    if recs:
+        r = next((r for r in recs if r["budget"] == "requested"), recs[-1])
+        p = r["point"]
+        console.print(
+            f"recommended{' for ' + ', '.join(budget) if r['budget'] == 'requested' else ''}: {p['kind']} "
+            f"{p['label'] or ''} at {format_value(m, p['metrics'][m])}, top-1 {fmt_num(p['measured'].get('top1'))} %"
+        )
+        if allocation_out is not None:
+            from quant import Allocation
+
+            Allocation.from_dict(p["allocation"]).save(allocation_out)
+            console.print(f"wrote {allocation_out}")
+    elif allocation_out is not None:
+        raise BitsearchError("--allocation needs a measured front (drop --no-measure and give data)")
+    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings"].items()))
+    write_json(json_path, out)
