@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class ArrayDataset:
         return ArrayDataset(self.x[idx], None if self.y is None else self.y[idx], self.name)
 
     def take(self, n: int, seed: int = 0) -> ArrayDataset:
-        """A seeded random subset of `n` items; the whole data set (unchanged) when it has no more than `n`."""
+        """A seeded random subset of `n` items; the data set itself when it has no more than `n`."""
         if n < 1:
             raise BitsearchError(f"cannot take {n} items from {self.name}: ask for at least 1")
         if n >= len(self):
@@ -96,7 +97,7 @@ class DataSplits:
     test: ArrayDataset | None
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # .npz files
 
 
@@ -120,9 +121,9 @@ def _not_npz_hint(path: Path) -> str:
     if not head:
         return "the file is empty"
     if head.startswith(b"\x93NUMPY"):
-        return "it is a single .npy array; save inputs and labels together with numpy.savez(path, x=..., y=...)"
+        return "it is a single .npy array; save inputs and labels with numpy.savez(path, x=..., y=...)"
     if head[:1] == b"\x80":
-        return "it looks like a pickle, and pickled data is refused for safety (pickle can run arbitrary code)"
+        return "it looks like a pickle, and pickled data is refused for safety (it can run arbitrary code)"
     return "expected the output of numpy.savez or numpy.savez_compressed"
 
 
@@ -137,7 +138,7 @@ def _check_normalisation(normalisation: Normalisation, channels: int) -> tuple[t
             raise BitsearchError(
                 f"normalisation {label} has {len(t)} values but the images have {channels} channel(s)"
             )
-    if not bool(torch.isfinite(mean).all()) or not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
         raise BitsearchError("normalisation std must be positive and mean/std finite")
     return mean, std
 
@@ -193,7 +194,7 @@ def _validate_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
             f"y in {path} has dtype {y.dtype}; labels must be integer class indices (e.g. y.astype('int64'))"
         )
     if y.ndim != 1:
-        raise BitsearchError(f"y in {path} has shape {y.shape}; labels must be 1-D (one class index per item)")
+        raise BitsearchError(f"y in {path} has shape {y.shape}; labels must be 1-D, one class index per item")
     if len(y) != n:
         raise BitsearchError(f"y in {path} has {len(y)} labels but x has {n} items; they must match")
     if y.dtype.kind == "i" and len(y) and int(y.min()) < 0:
@@ -251,14 +252,16 @@ def load_npz(
     return ArrayDataset(xt, labels, p.stem)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Splits
 
 
 def _test_count(test: float | int, n: int) -> int:
-    if isinstance(test, bool) or not isinstance(test, (int, float)):
+    if isinstance(test, bool) or not isinstance(test, numbers.Real):
         raise BitsearchError(f"test must be a fraction in [0, 1) or a whole count, got {test!r}")
-    if isinstance(test, float) and not float(test).is_integer():
+    if not isinstance(test, numbers.Integral):
+        test = float(test)
+    if isinstance(test, float) and not test.is_integer():
         if not 0.0 < test < 1.0:
             raise BitsearchError(f"test fraction must be in [0, 1), got {test}")
         return max(1, round(test * n))
@@ -277,8 +280,9 @@ def split(ds: ArrayDataset, calibration: int = 256, test: float | int = 0.2, see
     Items keep their original order inside each part.
     """
     n = len(ds)
-    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+    if isinstance(calibration, bool) or not isinstance(calibration, numbers.Integral) or calibration < 0:
         raise BitsearchError(f"calibration must be a count of items (0 or more), got {calibration!r}")
+    calibration = int(calibration)
     n_test = _test_count(test, n)
     if calibration + n_test > n:
         raise BitsearchError(
@@ -298,7 +302,7 @@ def split(ds: ArrayDataset, calibration: int = 256, test: float | int = 0.2, see
     return DataSplits(*out)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Bundled digits (scikit-learn ships them: no download, ever)
 
 DIGITS_TEST = 360
@@ -332,7 +336,7 @@ def load_digits_splits(seed: int = 0) -> DataSplits:
     return split(load_digits_arrays(), calibration=DIGITS_CALIBRATION, test=DIGITS_TEST, seed=seed)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data references (what the CLI's --data accepts)
 
 

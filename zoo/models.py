@@ -1,8 +1,9 @@
 """The model zoo: a registry of named models that bitsearch can build, train or load weights for.
 
 Two kinds of entries:
-- self-contained models (`digits-cnn`, `digits-mlp`) that the zoo trains on first use, deterministically and in
-  a few seconds, then caches as safetensors under `data_dir()/zoo/`, so examples and tests need no download;
+- self-contained models (`digits-cnn`, `digits-mlp`) that the zoo trains on first use, deterministically
+  and in a few seconds, then caches as safetensors under `data_dir()/zoo/`, so examples and tests need no
+  download;
 - architectures whose weights come from a file the user names (`cifar-resnet20` ...), read without ever
   unpickling arbitrary objects (`torch.load(weights_only=True)` or safetensors).
 """
@@ -94,12 +95,12 @@ def get_model_spec(ref: str) -> ModelSpec:
     return spec
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Architectures
 
 
 class DigitsCNN(nn.Module):
-    """Three 3×3 convs with BatchNorm (so BN statistics can drive data-free calibration), global pool, linear."""
+    """Three 3×3 convs with BatchNorm (BN statistics allow data-free calibration), global pool, linear."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -119,7 +120,7 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsMLP(nn.Module):
-    """64 → 128 → 64 → 10 with ReLU: the smallest model with more than one hidden layer to allocate bits to."""
+    """64 → 128 → 64 → 10 with ReLU: a tiny model with more than one hidden layer to allocate bits to."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -132,7 +133,7 @@ class DigitsMLP(nn.Module):
         return self.fc3(F.relu(self.fc2(x)))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training the self-contained models
 
 
@@ -188,7 +189,7 @@ def train_on_digits(model: nn.Module, recipe: TrainRecipe) -> dict[str, str]:
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Weights files
 
 
@@ -292,13 +293,18 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
             f"the weights in {what} do not fit this architecture ({'; '.join(parts)}); "
             "was the checkpoint saved from a different model, depth or number of classes?"
         )
-    non_float = [k for k, v in expected.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    non_float = [
+        k for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
     if non_float:
-        raise BitsearchError(f"the weights in {what} have non-float tensors where floats belong: {_few(non_float)}")
+        raise BitsearchError(
+            f"the weights in {what} have non-float tensors where floats belong: {_few(non_float)}"
+        )
     model.load_state_dict(dict(state), strict=False)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -345,7 +351,8 @@ def _trained_model(spec: ModelSpec) -> tuple[nn.Module, str, list[str]]:
             model = _build(spec)
     provenance = spec.trainer(model)
     try:
-        _save_atomic(model.state_dict(), path, {"model": spec.name, "version": str(spec.version), **provenance})
+        metadata = {"model": spec.name, "version": str(spec.version), **provenance}
+        _save_atomic(model.state_dict(), path, metadata)
         source = f"trained now, cached at {path}"
     except OSError as exc:  # a read-only data dir must not stop the run: the model is already trained
         notes.append(f"could not cache the trained weights at {path}: {exc}")
@@ -396,7 +403,7 @@ def load_model(ref: str, weights: str | Path | None = None) -> LoadedModel:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Registry entries
 
 register_model(
