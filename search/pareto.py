@@ -1,0 +1,444 @@
+"""Pareto fronts of predicted loss against one cost metric, their measurement, and the final recommendation.
+
+    front = pareto_front(problem, "avg_weight_bits", n_points=20)          # predicted, from the table
+    front = measure_front(front, model, calibration, eval_data)            # PTQ-evaluated, every point
+    best = recommend(front, "avg_wbits=4")                                 # the best *measured* candidate
+
+The sweep spans the swept metric from its cheapest to its dearest feasible value under the problem's other
+budgets and constraints (which stay in force), solves each budget, drops repeated and dominated allocations,
+and adds every uniform-precision allocation on the same axes. Sensitivity proxies are additive estimates
+and can mislead, so the recommendation is chosen by measurement among the solver's candidates *and* the
+uniform ones: it is never worse, as measured, than uniform precision at the same or lower cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from quant.allocation import Allocation
+from quant.cost import MAX_METRICS
+from quant.errors import BitsearchError
+
+from .problem import (
+    AllocationProblem,
+    Budget,
+    InfeasibleBudget,
+    canonical_metric,
+    format_value,
+    parse_budgets,
+)
+from .solvers import get_solver, objective_solver
+
+FRONT_SCHEMA = "bitsearch.pareto"
+FRONT_VERSION = 1
+
+#: Measured quantities a recommendation can rank by, and whether larger is better.
+MEASURES: dict[str, bool] = {"top1": True, "agreement": True, "loss": False, "kl": False, "predicted": False}
+
+
+@dataclass
+class ParetoPoint:
+    """One allocation on (or beside, for uniform baselines) a front."""
+
+    allocation: Allocation
+    predicted: float  # the table's predicted loss increase (sum over layers)
+    metrics: dict[str, float]  # every cost metric, internal units (bits, BOPs, seconds)
+    kind: str = "mixed"  # "mixed": found by the solver; "uniform": one option for every (unpinned) layer
+    budget: float | None = None  # the swept budget that produced it (None for uniform points)
+    within_budgets: bool = True  # meets the front's fixed budgets (uniform points may not)
+    optimal: bool | None = None  # the solver proved it optimal for its budget
+    label: str | None = None  # e.g. "W4A32" for a uniform point
+    measured: dict[str, float | None] = field(default_factory=dict)  # filled by `measure_front`
+
+    def value(self, metric: str) -> float:
+        return self.metrics[canonical_metric(metric)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "label": self.label,
+            "budget": self.budget,
+            "predicted": self.predicted,
+            "metrics": self.metrics,
+            "measured": self.measured,
+            "within_budgets": self.within_budgets,
+            "optimal": self.optimal,
+            "allocation": self.allocation.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParetoPoint":
+        try:
+            return cls(
+                allocation=Allocation.from_dict(d["allocation"]),
+                predicted=float(d["predicted"]),
+                metrics={k: float(v) for k, v in d["metrics"].items() if v is not None},
+                kind=str(d.get("kind", "mixed")),
+                budget=d.get("budget"),
+                within_budgets=bool(d.get("within_budgets", True)),
+                optimal=d.get("optimal"),
+                label=d.get("label"),
+                measured=dict(d.get("measured") or {}),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise BitsearchError(f"malformed Pareto point: {exc}") from None
+
+
+@dataclass
+class ParetoFront:
+    """Predicted loss against `metric`: the solver's non-dominated allocations and the uniform baselines."""
+
+    metric: str
+    points: list[ParetoPoint]  # kind "mixed", by increasing `metric`, strictly decreasing predicted loss
+    uniform: list[ParetoPoint]  # kind "uniform", by increasing `metric`
+    solver: str
+    table_method: str
+    budgets: list[Budget] = field(default_factory=list)  # the other budgets, in force at every point
+    constraints: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    reference: dict[str, Any] | None = None  # the FP32 model's measurement, from `measure_front`
+
+    def candidates(self) -> list[ParetoPoint]:
+        """Every point, mixed and uniform."""
+        return list(self.points) + list(self.uniform)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": FRONT_SCHEMA,
+            "version": FRONT_VERSION,
+            "metric": self.metric,
+            "solver": self.solver,
+            "table_method": self.table_method,
+            "budgets": [b.to_dict() for b in self.budgets],
+            "constraints": self.constraints,
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+            "reference": self.reference,
+            "points": [p.to_dict() for p in self.points],
+            "uniform": [p.to_dict() for p in self.uniform],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParetoFront":
+        if not isinstance(d, Mapping) or d.get("schema") != FRONT_SCHEMA:
+            raise BitsearchError(f"not a Pareto front (schema must be {FRONT_SCHEMA!r})")
+        if d.get("version") != FRONT_VERSION:
+            raise BitsearchError(f"Pareto front version {d.get('version')!r} is not supported")
+        return cls(
+            metric=canonical_metric(d["metric"]),
+            points=[ParetoPoint.from_dict(p) for p in d.get("points", [])],
+            uniform=[ParetoPoint.from_dict(p) for p in d.get("uniform", [])],
+            solver=str(d.get("solver", "")),
+            table_method=str(d.get("table_method", "")),
+            budgets=[Budget.from_dict(b) for b in d.get("budgets", [])],
+            constraints=dict(d.get("constraints") or {}),
+            seconds=float(d.get("seconds", 0.0)),
+            notes=list(d.get("notes") or []),
+            reference=d.get("reference"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "ParetoFront":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise BitsearchError(f"the Pareto front is not valid JSON: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ParetoFront":
+        p = Path(path)
+        if not p.is_file():
+            raise BitsearchError(f"Pareto front file not found: {p}")
+        return cls.from_json(p.read_text())
+
+
+# --- the sweep --------------------------------------------------------------------------------------------
+
+
+def _as_problem(problem_or_parts: Any) -> AllocationProblem:
+    if isinstance(problem_or_parts, AllocationProblem):
+        return problem_or_parts
+    if isinstance(problem_or_parts, Mapping):
+        return AllocationProblem(
+            problem_or_parts["table"],
+            problem_or_parts.get("cost"),
+            problem_or_parts.get("budgets"),
+            problem_or_parts.get("constraints"),
+        )
+    if isinstance(problem_or_parts, (tuple, list)) and 1 <= len(problem_or_parts) <= 4:
+        return AllocationProblem(*problem_or_parts)
+    raise BitsearchError(
+        "pareto_front needs an AllocationProblem, a (table, cost[, budgets[, constraints]]) tuple or a dict "
+        f"with those keys; got {type(problem_or_parts).__name__}"
+    )
+
+
+def _sweep_limits(base: AllocationProblem, metric: str, lo: float, hi: float, n_points: int) -> list[float]:
+    if metric in MAX_METRICS:
+        # A max over layers only changes at the per-layer values: sweep those (evenly by rank).
+        vals = np.unique(base.costs[metric][base.structural_allowed])
+        vals = vals[(vals >= lo * (1 - 1e-12)) & (vals <= hi * (1 + 1e-12))]
+        if len(vals) > n_points:
+            vals = vals[np.unique(np.round(np.linspace(0, len(vals) - 1, n_points)).astype(int))]
+        return [float(v) for v in vals]
+    if n_points == 1 or hi <= lo:
+        return [float(hi)]
+    return [float(v) for v in np.linspace(lo, hi, n_points)]
+
+
+def pareto_front(
+    problem_or_parts: Any,
+    metric: str,
+    n_points: int = 20,
+    solver: str = "ilp",
+    **solver_options: Any,
+) -> ParetoFront:
+    """Sweep `n_points` budgets on `metric` between its cheapest and dearest feasible values.
+
+    `problem_or_parts`: an `AllocationProblem` or its parts, `(table, cost, budgets, constraints)`. A budget
+    it already has on `metric` is replaced by the sweep; its other budgets and constraints hold at every
+    point. Repeated and dominated allocations are dropped, so predicted loss strictly falls as the metric
+    rises. Uniform-precision allocations are added as `front.uniform`.
+    """
+    t0 = time.perf_counter()
+    problem = _as_problem(problem_or_parts)
+    m = canonical_metric(metric)
+    if m not in problem.costs:
+        raise BitsearchError(
+            f"the cost model cannot compute {m}" + (" (it needs a latency table)" if m == "latency" else "")
+        )
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+        raise BitsearchError(f"n_points must be a positive integer, got {n_points!r}")
+    impl = get_solver(solver, **solver_options)
+    base = problem.without_budget(m)
+    base.check_budgets()
+    bound_solver = objective_solver(impl)
+    lo = base.min_metric(m, bound_solver)
+    if lo is None:
+        raise base.explain_infeasible()
+    hi = base.max_metric(m, bound_solver)
+    hi = lo if hi is None or hi < lo else hi
+    limits = _sweep_limits(base, m, lo, hi, n_points)
+    notes: list[str] = []
+    if bound_solver != impl.name:
+        notes.append(
+            f"the sweep's range was computed with {bound_solver} ({impl.name} optimises its own proxy)"
+        )
+    solutions = impl.sweep(base, m, limits)
+    missed = [lim for lim, s in zip(limits, solutions) if s is None]
+    if missed:
+        notes.append(
+            f"{impl.name} found no allocation for {len(missed)} of {len(limits)} budgets "
+            f"(e.g. {m} <= {format_value(m, missed[0])})"
+        )
+    raw: list[ParetoPoint] = []
+    seen: set[bytes] = set()
+    for limit, sol in zip(limits, solutions):
+        if sol is None:
+            continue
+        key = np.asarray(sol.choice).tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        for note in sol.notes:
+            if note not in notes and not note.startswith("LP relaxation"):
+                notes.append(note)
+        assert sol.allocation is not None
+        raw.append(
+            ParetoPoint(
+                allocation=sol.allocation,
+                predicted=sol.objective,
+                metrics=sol.metrics,
+                kind="mixed",
+                budget=limit,
+                optimal=sol.optimal,
+            )
+        )
+    points = _non_dominated(raw, m)
+    uniform = []
+    for option, choice in problem.uniform_choices():
+        predicted, metrics = base.evaluate(choice)
+        uniform.append(
+            ParetoPoint(
+                allocation=base.to_allocation(choice, uniform=option.label()),
+                predicted=predicted,
+                metrics=metrics,
+                kind="uniform",
+                within_budgets=base.feasible(choice),
+                label=option.label(),
+            )
+        )
+    uniform.sort(key=lambda p: (p.metrics[m], p.predicted))
+    return ParetoFront(
+        metric=m,
+        points=points,
+        uniform=uniform,
+        solver=impl.name,
+        table_method=problem.table.method,
+        budgets=list(base.budgets),
+        constraints=problem.constraints.to_dict(),
+        seconds=time.perf_counter() - t0,
+        notes=list(problem.notes) + notes,
+    )
+
+
+def _non_dominated(points: list[ParetoPoint], metric: str) -> list[ParetoPoint]:
+    """Points by increasing metric whose predicted loss is strictly below every cheaper point's."""
+    ordered = sorted(points, key=lambda p: (p.metrics[metric], p.predicted))
+    out: list[ParetoPoint] = []
+    best = np.inf
+    for p in ordered:
+        eps = 1e-12 * (1.0 + abs(p.predicted))
+        if p.predicted < best - eps:
+            out.append(p)
+            best = p.predicted
+    return out
+
+
+# --- measurement --------------------------------------------------------------------------------------------
+
+
+def _as_dataset(data: Any, what: str):
+    from zoo.data import ArrayDataset  # imported here: the search core needs no torch data
+
+    if isinstance(data, ArrayDataset):
+        return data
+    import torch
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        return ArrayDataset(data[0], data[1], what)
+    if torch.is_tensor(data):
+        return ArrayDataset(data, None, what)
+    if hasattr(data, "x") and torch.is_tensor(data.x):
+        return ArrayDataset(data.x, getattr(data, "y", None), what)
+    raise BitsearchError(f"{what}: expected an ArrayDataset, an (x, y) pair or an input tensor")
+
+
+def measure_front(
+    front: ParetoFront,
+    model: Any,
+    calibration: Any,
+    eval_data: Any,
+    quant_config: Any = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> ParetoFront:
+    """A copy of `front` with every point (mixed and uniform) measured by post-training quantization.
+
+    The model is wrapped and calibrated once (`quant.apply.wrap_model` + `collect_statistics`); each point
+    then only re-derives the quantizers (`set_allocation`) and runs `eval_data` (held-out: not the
+    calibration or sensitivity data). `measured` gets top1 and loss when `eval_data` has labels, and always
+    agreement and KL divergence against the FP32 model; `front.reference` gets the FP32 figures.
+    """
+    from quant.apply import QuantConfig, collect_statistics, needs_calibration, set_allocation, wrap_model
+    from zoo.evaluate import evaluate
+
+    config = quant_config or QuantConfig()
+    data = _as_dataset(eval_data, "eval_data")
+    out = copy.deepcopy(front)
+    candidates = out.candidates()
+    ref = evaluate(model, data)
+    out.reference = ref.to_dict()
+    qmodel = copy.deepcopy(model).eval()
+    layers = wrap_model(qmodel, config)
+    if any(needs_calibration(p.allocation, config) for p in candidates):
+        if calibration is None:
+            raise BitsearchError("measuring these allocations needs calibration data (quantized activations)")
+        collect_statistics(qmodel, layers, calibration, config)
+    for i, p in enumerate(candidates):
+        set_allocation(qmodel, p.allocation)
+        r = evaluate(qmodel, data, reference_logits=ref.logits)
+        p.measured = r.to_dict()
+        if progress is not None:
+            progress((i + 1) / len(candidates), f"measured {i + 1}/{len(candidates)}")
+    return out
+
+
+def _rank_key(by: str, budget_metrics: Sequence[str]) -> Callable[[ParetoPoint], tuple]:
+    """Sort key, best first: the chosen measure, then the other measures as tie-breakers, then cost."""
+    tie = [k for k in ("loss", "kl", "agreement", "top1") if k != by]
+
+    def measure(p: ParetoPoint, k: str) -> float:
+        v = p.predicted if k == "predicted" else p.measured.get(k)
+        if v is None:
+            return np.inf
+        return -float(v) if MEASURES[k] else float(v)
+
+    def key(p: ParetoPoint) -> tuple:
+        return (
+            measure(p, by),
+            *(measure(p, k) for k in tie),
+            *(p.metrics.get(m, np.inf) for m in budget_metrics),
+            p.predicted,
+        )
+
+    return key
+
+
+def recommend(
+    front: ParetoFront,
+    budget: "Budget | str | Iterable[Budget | str] | None" = None,
+    by: str | None = None,
+) -> ParetoPoint:
+    """The best measured candidate (solver's or uniform) that meets `budget` and the front's own budgets.
+
+    `by`: "top1" (default when the measurements have labels), "kl" (default otherwise), "loss",
+    "agreement", or "predicted" (rank by the table's prediction; needs no measurement). Ties go to the
+    other measures, then to the cheaper allocation. Because the uniform allocations are candidates too, the
+    recommendation is never worse by `by` than any uniform allocation that meets the same budgets.
+    """
+    budgets = parse_budgets(budget)
+    everything = front.candidates()
+    if not everything:
+        raise BitsearchError("the front has no points")
+    for b in budgets:
+        if b.metric not in everything[0].metrics:
+            raise BitsearchError(f"the front's points have no {b.metric} figure")
+    # The front's own budgets stay in force unless `budget` sets the same metric anew.
+    every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
+    cands = [p for p in everything if all(b.holds(p.metrics[b.metric]) for b in every)]
+    if not cands:
+        keys = [b.metric for b in budgets] or [front.metric]
+        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
+        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
+        raise InfeasibleBudget(
+            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
+            {k: cheapest.metrics[k] for k in keys},
+            every,
+        )
+    if by is None:
+        by = "top1" if all(p.measured.get("top1") is not None for p in cands) else "kl"
+    if by not in MEASURES:
+        raise BitsearchError(f"unknown ranking {by!r}; known: {list(MEASURES)}")
+    if by != "predicted":
+        missing = [p for p in cands if p.measured.get(by) is None]
+        if missing:
+            raise BitsearchError(
+                f"{len(missing)} candidate(s) have no measured {by!r}: run measure_front first "
+                "(or rank by='predicted')"
+            )
+    return min(cands, key=_rank_key(by, [b.metric for b in budgets] or [front.metric]))
+
+
+__all__ = [
+    "FRONT_SCHEMA",
+    "MEASURES",
+    "ParetoFront",
+    "ParetoPoint",
+    "measure_front",
+    "pareto_front",
+    "recommend",
+]
