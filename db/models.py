@@ -63,6 +63,10 @@ class Job(Base):
     schedule_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True
     )
+    # The owner (REST service); NULL for CLI jobs. A scheduled job is owned through its schedule.
+    tenant_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True, index=True
+    )
 
 
 class Result(Base):
@@ -95,6 +99,9 @@ class Schedule(Base):
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_tick: Mapped[datetime | None] = mapped_column(nullable=True)
+    tenant_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True, index=True
+    )
 
 
 class ScheduleRun(Base):
@@ -108,3 +115,7 @@ class ScheduleRun(Base):
     tick: Mapped[datetime] = mapped_column()
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     fired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# The REST service's tables share this metadata (migrations and the model/migration check see them).
+from . import tables as _service_tables  # noqa: E402,F401

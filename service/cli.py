@@ -251,6 +251,147 @@ def _job_dict(j: Any) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------
+# REST service: API keys and `serve`
+
+keys_app = typer.Typer(help="API keys of the REST service.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _check_tenant_name(tenant: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", tenant or ""):
+        raise BitsearchError("--tenant must be 1-100 letters, digits, '_', '.' or '-'")
+    return tenant
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant name (created if new)."),
+    name: str = typer.Option("", "--name", help="A label for the key."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the key as JSON."),
+) -> None:
+    """Create an API key for a tenant. The key is shown once; only its hash is stored."""
+    from service.api.auth import create_key
+
+    key, tenant_id = create_key(_sf(), _check_tenant_name(tenant), name[:100])
+    console.print(f"tenant {tenant} ({tenant_id})")
+    console.print("API key (shown once; send it as 'Authorization: Bearer <key>'):")
+    print(key)
+    write_json(json_path, {"command": "keys create", "tenant": tenant, "tenant_id": tenant_id, "key": key})
+
+
+def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
+    """A local worker process of `serve` (spawned): registers the service's job kinds, then polls for jobs."""
+    import logging
+
+    from service.api import search_job  # noqa: F401
+    from service.jobs.local import work_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work_loop(queues, db_url=db_url)
+
+
+def _demo(sf: Any, host: str, port: int) -> None:
+    """Prepare the zoo's digits model and data, make a key, print how to call the service."""
+    from service.api.auth import create_key
+    from zoo import list_datasets, load_model
+
+    with status("preparing zoo:digits-cnn (trained and cached on first use)"):
+        load_model("zoo:digits-cnn")
+    key, _ = create_key(sf, "demo", "bitsearch serve --demo")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}"
+    body = ('{"model": "zoo:digits-cnn", "data": "zoo:digits", '
+            '"budgets": [{"metric": "avg_weight_bits", "value": 4}], "pareto_points": 6}')
+    console.print(f"zoo models: {', '.join(s.ref for s in __import__('zoo').list_models())}")
+    console.print(f"zoo data: {', '.join('zoo:' + d.name for d in list_datasets())}")
+    console.print(f"service: {url}  (API docs: {url}/docs)")
+    console.print("demo API key (tenant 'demo'):")
+    print(key)
+    console.print("start a search:")
+    print(f"curl -s -X POST {url}/search -H 'Authorization: Bearer {key}' "
+          f"-H 'Content-Type: application/json' -d '{body}'")
+    console.print("then poll the 'url' it returns, and read <url>/pareto once its status is 'succeeded'.")
+    sys.stdout.flush()
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    workers: int = typer.Option(1, "--workers", min=0, max=64,
+                                help="Local job worker processes (without a broker); 0: run none."),
+    demo: bool = typer.Option(False, "--demo", help="Prepare the digits demo, create a key, print a curl example."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+) -> None:
+    """Run the REST service: uvicorn with the API; without BITSEARCH_BROKER_URL also local job workers and
+    the cron scheduler in-process (with a broker, run `bitsearch worker` and celery beat beside it)."""
+    import logging
+
+    import torch
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.jobs.local import LocalPool
+    from service.schedules import InProcessScheduler
+    from service.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    sf = _sf()  # migrate before anything else touches the database
+    torch.set_num_threads(max(1, settings.api_torch_threads))
+    if demo:
+        _demo(sf, host, port)
+
+    class _ServicePool(LocalPool):
+        def start(self) -> None:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            for _ in range(self.n):
+                p = ctx.Process(target=_serve_worker, args=(self.queues, self.db_url), daemon=True)
+                p.start()
+                self.procs.append(p)
+
+        def stop(self, timeout: float = 10.0) -> None:
+            # A worker finishes its job after SIGTERM; one still busy after `timeout` is killed, and its job,
+            # no longer heartbeating, is taken up again by the next worker (from its last checkpoint).
+            procs = list(self.procs)
+            super().stop(timeout)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+    pool = scheduler = None
+    if not settings.broker_url:
+        if workers:
+            pool = _ServicePool(workers, db_url=settings.db_url)
+            pool.start()
+        scheduler = InProcessScheduler(sf, settings.scheduler_interval)
+        scheduler.start()
+    import signal
+
+    def _terminated(signum, frame):  # uvicorn re-raises SIGTERM after its graceful shutdown: stop the rest too
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        uvicorn.run(create_app(settings, sf), host=host, port=port, access_log=access_log, log_level="info")
+    finally:
+        if scheduler is not None:
+            scheduler.stop_event.set()
+        if pool is not None:
+            pool.stop()
+
+
+# `bitsearch worker` and Celery workers must know the service's "search" job kind too.
+# The search, sensitivity and finetune commands live in their own module; importing it registers them.
+from service import cli_search as _cli_search  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become a message on stderr and a non-zero exit."""
     warnings.simplefilter("ignore", UserWarning)  # zoo notes are printed as notes, not warnings

@@ -160,3 +160,58 @@ def search(
         raise BitsearchError("--allocation needs a measured front (drop --no-measure and give data)")
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings"].items()))
     write_json(json_path, out)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", help="zoo:NAME or an exported .pt2 file."),
+    allocation: Path = typer.Option(..., "--allocation", help="Allocation JSON (e.g. from bitsearch search)."),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME with a train split."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    lr: float = typer.Option(0.01, "--lr"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    recipe_path: Optional[Path] = typer.Option(None, "--recipe", help="QAT recipe JSON (overrides the flags)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Checkpoint (and resume) here."),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+) -> None:
+    """Quantization-aware fine-tuning of an allocation, in the foreground."""
+    import json as _json
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from quant import Allocation
+    from service.finetune import run_finetune
+    from service.jobs.kinds import JobContext
+
+    alloc = Allocation.load(allocation)
+    if recipe_path is not None:
+        try:
+            recipe = _json.loads(recipe_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BitsearchError(f"cannot read the recipe {recipe_path}: {exc}") from None
+    else:
+        recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    spec = {"model": model, "weights": str(weights) if weights else None, "data": data,
+            "allocation": alloc.to_dict(), "recipe": recipe, "seed": seed}
+    ctx = None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ctx = JobContext("cli", 1, checkpoint_dir, lambda f, m: True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f} %"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("fine-tuning", total=1.0)
+        out = run_finetune(spec, ctx, progress=lambda f, m: bar.update(task, completed=f, description=m))
+    res = out.result
+    t = Table(title=f"QAT of {model}")
+    for col in ("", "top-1 %", "loss", "steps", "seconds"):
+        t.add_column(col, justify="right" if col else "left")
+    init = res.get("initial_metrics") or {}
+    t.add_row("before (PTQ)", fmt_num(init.get("top1")), fmt_num(init.get("loss"), ".4f"), "", "")
+    t.add_row("after", fmt_num(res["metrics"].get("top1")), fmt_num(res["metrics"].get("loss"), ".4f"),
+              str(res["steps"]), f"{res['seconds']:.1f}")
+    console.print(t)
+    if res.get("resumed"):
+        console.print("resumed from the checkpoint in", checkpoint_dir)
+    write_json(json_path, res)

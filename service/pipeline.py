@@ -15,7 +15,8 @@ from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover
 from quant.cost import CostModel
 from quant.errors import BitsearchError
 from quant.layers import LayerInfo
-from zoo import ArrayDataset, DataSplits, EvalResult, LoadedModel, evaluate, load_data, load_model, split
+from zoo import ArrayDataset, DataSplits, EvalResult, LoadedModel, evaluate, load_data, split
+from zoo.uploads import load_any_model
 
 ProgressFn = Callable[[str], None]
 
@@ -49,7 +50,7 @@ def resolve_inputs(
     Calibration comes from `calib_ref` when given, else from the data set's calibration split, else from a
     random part of `data_ref` that is then held out of the evaluation (said in `notes`).
     """
-    loaded = load_model(model_ref, weights)
+    loaded = load_any_model(model_ref, weights)
     notes = list(loaded.warnings)
     data_ref = data_ref or loaded.spec.dataset
     calibration = evaluation = None

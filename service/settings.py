@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     qat_queue: str = "cpu"  # "gpu" sends fine-tuning to GPU workers
     poll_interval: float = 0.5  # how often an idle local worker looks for work
+    # REST service (`bitsearch serve`)
+    max_model_bytes: int = 512 * 1024**2  # largest model upload (.pt2 / safetensors)
+    max_dataset_bytes: int = 2 * 1024**3  # largest .npz upload
+    scheduler_interval: float = 15.0  # how often the in-process scheduler checks cron schedules
+    api_torch_threads: int = 1  # torch threads in the API process (upload validation); jobs run in workers
+    api_key_cache_seconds: float = 10.0  # a verified API key is trusted this long without a lookup (0: never)
 
     @property
     def db_url(self) -> str:
@@ -31,6 +37,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir.expanduser() / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir.expanduser() / "uploads"
 
 
 @lru_cache(maxsize=1)

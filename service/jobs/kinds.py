@@ -82,3 +82,8 @@ def _qat(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     from service.finetune import run_finetune
 
     return run_finetune(spec, ctx)
+
+
+# The "search" kind persists into the service's tables, so it lives beside the API; importing it here
+# makes every worker (local or Celery) know it.
+from service.api import search_job as _search_job  # noqa: E402,F401

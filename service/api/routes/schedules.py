@@ -1,0 +1,80 @@
+"""Cron schedules of searches (or uniform PTQ runs) owned by the tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Response
+from pydantic import ValidationError
+
+from db import repo
+from service.schedules import create_schedule
+
+from .. import views
+from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
+from ..schemas import Page, PTQRequest, ScheduleIn, ScheduleOut, SearchRequest
+from ..search_job import build_spec, check_spec
+
+router = APIRouter(tags=["schedules"])
+ScheduleId = Annotated[str, Path(max_length=64)]
+
+
+def _validated(model, spec: dict):
+    try:
+        return model.model_validate(spec)
+    except ValidationError as exc:
+        errors = [
+            {"loc": ["body", "spec", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+        ]
+        raise HTTPException(422, errors) from None
+
+
+@router.post("/schedules", status_code=201, response_model=ScheduleOut)
+def add_schedule(body: ScheduleIn, tenant: TenantId, sf: SF, settings: SettingsDep) -> ScheduleOut:
+    """Run a search (`kind: search`, `spec`: a SearchRequest) or a PTQ (`kind: ptq`) at each cron tick."""
+    if body.kind == "search":
+        req = _validated(SearchRequest, body.spec)
+        model = resolve_model(sf, settings, tenant, req.model)
+        data = resolve_data(sf, settings, tenant, req.data)
+        spec = build_spec(req.model_dump(mode="json"), model, data, search_id=None, tenant_id=tenant)
+        check_spec(spec)
+    else:
+        req = _validated(PTQRequest, body.spec)
+        model = resolve_model(sf, settings, tenant, req.model)
+        data = resolve_data(sf, settings, tenant, req.data)
+        spec = {
+            "model": model["model"],
+            "weights": model["weights"],
+            "data": data["data"],
+            "bits": req.bits,
+            "calib_size": req.calib_size,
+            "limit": req.eval_limit,
+            "_request": req.model_dump(mode="json"),
+        }
+    sched = create_schedule(sf, body.name, body.cron, body.kind, spec)
+    repo.set_schedule_owner(sf, sched.id, tenant, body.enabled)
+    return views.schedule_out(repo.get_schedule(sf, tenant, sched.id))
+
+
+@router.get("/schedules", response_model=Page[ScheduleOut])
+def list_schedules(tenant: TenantId, sf: SF, limit: Limit = 50, offset: Offset = 0) -> Page[ScheduleOut]:
+    rows, total = repo.list_schedules(sf, tenant, limit, offset)
+    return Page(items=[views.schedule_out(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/schedules/{schedule_id}", response_model=ScheduleOut)
+def get_schedule(schedule_id: ScheduleId, tenant: TenantId, sf: SF) -> ScheduleOut:
+    views.check_id(schedule_id, "schedule")
+    row = repo.get_schedule(sf, tenant, schedule_id)
+    if row is None:
+        raise views.not_found("schedule", schedule_id)
+    return views.schedule_out(row)
+
+
+@router.delete("/schedules/{schedule_id}", status_code=204)
+def delete_schedule(schedule_id: ScheduleId, tenant: TenantId, sf: SF) -> Response:
+    """Stop the schedule; the jobs it already started stay (and stay yours)."""
+    views.check_id(schedule_id, "schedule")
+    if not repo.delete_schedule(sf, tenant, schedule_id):
+        raise views.not_found("schedule", schedule_id)
+    return Response(status_code=204)
