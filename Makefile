@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/bitsearch ptq --model zoo:digits-cnn --bits 4/8 --clip mse
+	$(BIN)/bitsearch serve --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
