@@ -52,6 +52,9 @@ def migrate(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
 
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration step is noise in a CLI
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
