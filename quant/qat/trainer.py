@@ -1,0 +1,895 @@
+"""Quantization-aware fine-tuning of an allocation: `finetune(...)` or the `QATTrainer` behind it.
+
+    result = finetune(model, allocation, train_data, QATRecipe(steps=300), eval_data=test,
+                      checkpoint_dir="ckpt/")
+    result.metrics["top1"], result.model, result.allocation
+
+What it does
+------------
+1. Builds the fake-quant model: `apply_allocation` with the static quantizers (per-channel `int_sym`
+   weights, uint/int_asym activations) calibrates every layer on `calibration` (default: a seeded subset of
+   `train_data`), then each layer's quantizers are swapped for the recipe's learnable ones, initialised from
+   those calibrated ranges (`init="calibrated"`) or as the papers do (`init="paper"`). Inputs that can be
+   negative (the calibrated quantizer is int_asym, e.g. a normalised image) get LSQ with a learned offset
+   (LSQ+), also under `activation_quantizer="pact"`. Float, ternary and binary layers keep their
+   quantizers. `model` itself is never modified.
+2. Trains for `recipe.total_steps(len(train_data))` steps: task loss (cross-entropy, or mixed with KD from
+   the FP32 `model`), plus λ·Bin Regularization from `binreg_start`, plus `pact_l2`·Σα². The data order is
+   a seeded permutation per epoch, so the position in the data follows from the step alone.
+3. Evaluates on `eval_data` every `eval_every` steps and at the end; checkpoints (see below).
+
+Callbacks and the bit-width hook
+--------------------------------
+`callbacks` is one object or a list. Each is either an object with `on_step(state)` (and optionally
+`on_end(result)`) or a plain callable `f(state)`. It is called after every optimizer step (and after that
+step's evaluation, if any) with a `StepState`: `step` (steps done), `total_steps`, `epoch`, `loss`, `lr`,
+`metrics` (this step's evaluation or None), `seconds`, `allocation`, `model` and `trainer`. A callback
+
+- stops training by calling `state.request_stop()` (or, from another thread, `trainer.request_stop()`): the
+  loop ends cleanly after this step, a checkpoint is written (when there is a checkpoint_dir), the model is
+  evaluated and `result.stopped` is True;
+- reports progress from `state.step / state.total_steps` (`state.progress`), `state.loss`, `state.lr`;
+- changes bit-widths by returning a new `Allocation` from `on_step`, or by calling
+  `state.trainer.set_allocation(allocation)` (also usable between construction and `run()`). Only layers
+  whose `LayerBits` changed are touched: an integer→integer change keeps each quantizer and its clipping
+  range (LSQ's step scales by Q_P(old)/Q_P(new), PACT's α stays, a static scale scales likewise) and
+  drops the optimizer state of the re-scaled parameters; a layer that goes from float to integer is
+  initialised as at the start (activations from one calibration pass over the calibration inputs); a layer
+  that goes to float gets a float quantizer. The optimizer's parameter groups follow the model. The new
+  allocation is in `result.allocation` and in every later checkpoint.
+
+Checkpoints and resume
+----------------------
+With `checkpoint_dir`, `<dir>/qat-checkpoint.pt` is written every `checkpoint_every` steps, on a stop
+request and at the end, atomically (a temporary file in the same folder, then `os.replace`). It holds only
+tensors and primitive containers (`torch.load(..., weights_only=True)` reads it): the model state (weights,
+BatchNorm buffers, quantizer parameters), the quantizer layout of every layer (JSON), the optimizer and
+scheduler states, the step, the current allocation and the recipe (JSON), the RNG states (torch CPU and
+CUDA, Python `random`, NumPy; the caller's RNG is restored when `run()` returns), the data position, the
+history and the elapsed time. `resume_from` (that file or its folder) rebuilds the model from the
+checkpoint alone (no calibration pass) and continues; on CPU an interrupted-then-resumed run ends with
+weights identical to an uninterrupted one. The resumed recipe must equal the checkpoint's, except
+`checkpoint_every`, `eval_every` and `device`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..allocation import Allocation, LayerBits, is_float_bits
+from ..apply import (
+    DATA_CLIPS,
+    QuantConfig,
+    QuantizedLayer,
+    apply_allocation,
+    collect_statistics,
+    quantized_layers,
+    wrap_model,
+)
+from ..calibration import ClipContext, calibrate_activation, clip_range
+from ..errors import BitsearchError
+from ..quantizers import FloatQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
+from .binreg import binreg_loss
+from .quantizers import DoReFaQuantizer, LearnableQuantizer, LSQQuantizer, PACTQuantizer, pact_l2_penalty
+from .recipe import RESUMABLE_CHANGES, QATRecipe
+
+CHECKPOINT_NAME = "qat-checkpoint.pt"
+CHECKPOINT_FORMAT = "bitsearch.qat-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public types
+
+
+@dataclass
+class StepState:
+    """What a callback sees after each optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+    allocation: Allocation
+    model: nn.Module
+    trainer: "QATTrainer"
+    metrics: dict[str, Any] | None = None
+    stop_requested: bool = False
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+@runtime_checkable
+class Callback(Protocol):
+    def on_step(self, state: StepState) -> Allocation | None: ...
+
+
+@dataclass
+class QATResult:
+    metrics: dict[str, Any]  # final evaluation on eval_data ({} without eval data)
+    steps: int  # optimizer steps done in total (across resumes)
+    seconds: float  # wall time of training and evaluation, summed across resumes
+    history: list[dict[str, Any]]
+    allocation: Allocation  # the final allocation (a callback may have changed bits)
+    checkpoint: Path | None
+    model: nn.Module  # the trained fake-quant model, eval mode
+    recipe: QATRecipe
+    stopped: bool = False  # True when a stop request ended training early
+    initial_metrics: dict[str, Any] | None = None  # before training (the PTQ starting point), fresh runs
+    train_seconds: float = 0.0  # time in optimizer steps only
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "initial_metrics": self.initial_metrics,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "stopped": self.stopped,
+            "allocation": self.allocation.to_dict(),
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "recipe": self.recipe.to_dict(),
+            "device": self.device,
+        }
+
+
+class PrintProgress:
+    """A callback that prints step, loss and lr every `every` steps (and every evaluation)."""
+
+    def __init__(self, every: int = 50, prefix: str = "", printer: Callable[[str], None] = print):
+        self.every, self.prefix, self.printer = every, prefix, printer
+
+    def on_step(self, state: StepState) -> None:
+        if state.metrics is not None or state.step % self.every == 0 or state.step == state.total_steps:
+            extra = f" top1 {state.metrics['top1']:.2f} %" if state.metrics and state.metrics.get("top1") is not None else ""
+            self.printer(
+                f"{self.prefix}step {state.step}/{state.total_steps} loss {state.loss:.4f} lr {state.lr:.2e} "
+                f"({state.seconds:.0f} s){extra}"
+            )
+
+
+def strip_quantizers(model: nn.Module) -> nn.Module:
+    """A copy of a fake-quant model with every `QuantizedLayer` replaced by its plain layer.
+
+    The trained weights are kept in float (not rounded onto the grid): use it to continue from a fine-tuned
+    FP32 run (an all-float allocation) or to re-quantize from scratch; `model` itself is untouched.
+    """
+    plain = copy.deepcopy(model)
+    for parent in list(plain.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, QuantizedLayer):
+                setattr(parent, name, child.layer)
+    return plain
+
+
+def finetune(
+    model: nn.Module,
+    allocation: Allocation,
+    train_data: Any,
+    recipe: QATRecipe | None = None,
+    callbacks: Any = None,
+    calibration: Any = None,
+    eval_data: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> QATResult:
+    """Quantization-aware fine-tuning of `model` at `allocation`; see the module docstring."""
+    return QATTrainer(
+        model, allocation, train_data, recipe, callbacks, calibration, eval_data, checkpoint_dir, resume_from
+    ).run()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _as_xy(data: Any, what: str, need_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+    elif hasattr(data, "x") and torch.is_tensor(getattr(data, "x")):
+        x, y = data.x, getattr(data, "y", None)
+    else:
+        raise BitsearchError(f"{what} must be an ArrayDataset (or an (x, y) pair of tensors), got {type(data).__name__}")
+    if need_labels and y is None:
+        raise BitsearchError(f"{what} has no labels; QAT needs labelled data")
+    if y is not None and len(y) != len(x):
+        raise BitsearchError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise BitsearchError(f"{what} is empty")
+    return x, (None if y is None else y.long())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BitsearchError("recipe.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def _static_range(q: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range [lo, hi] a calibrated static quantizer covers."""
+    qmin, qmax = q.levels()
+    return (qmin - q.zero_point) * q.scale, (qmax - q.zero_point) * q.scale
+
+
+def _quantizer_spec(q: Quantizer) -> dict[str, Any]:
+    if isinstance(q, LearnableQuantizer):
+        return q.spec()
+    return {"name": q.name, "bits": q.bits, "per_channel": q.per_channel, "ch_axis": q.ch_axis}
+
+
+def _quantizer_from_spec(spec: dict[str, Any]) -> Quantizer:
+    spec = dict(spec)
+    name, bits = spec.pop("name"), spec.pop("bits")
+    q = make_quantizer(name, bits, **spec)
+    return q
+
+
+def _materialise(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter/buffer the shape its saved tensor has (per-channel scales start as scalars)."""
+    for key, value in state.items():
+        prefix, _, attr = key.rpartition(".")
+        try:
+            owner = module.get_submodule(prefix) if prefix else module
+        except AttributeError:
+            continue
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            if owner._parameters[attr].shape != value.shape:
+                owner._parameters[attr] = nn.Parameter(torch.empty_like(value))
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            if owner._buffers[attr].shape != value.shape:
+                owner._buffers[attr] = torch.empty_like(value)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cosine_factor(recipe: QATRecipe, total: int) -> Callable[[int], float]:
+    warm = min(recipe.warmup_steps, total)
+
+    def factor(k: int) -> float:  # lr multiplier for step k (0-based)
+        if k < warm:
+            return (k + 1) / warm
+        if recipe.schedule == "constant":
+            return 1.0
+        span = max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(k - warm, span) / span))
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class QATTrainer:
+    """Builds the fake-quant model in the constructor; `run()` trains it. See the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        allocation: Allocation,
+        train_data: Any,
+        recipe: QATRecipe | None = None,
+        callbacks: Any = None,
+        calibration: Any = None,
+        eval_data: Any = None,
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+    ):
+        self.recipe = recipe or QATRecipe()
+        if not isinstance(self.recipe, QATRecipe):
+            raise BitsearchError(f"recipe must be a QATRecipe, got {type(self.recipe).__name__}")
+        self.teacher_source = model
+        self.train_x, self.train_y = _as_xy(train_data, "train_data")
+        self.eval_data = None if eval_data is None else _as_xy(eval_data, "eval_data")
+        self.calibration = calibration
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, (list, tuple)):
+            callbacks = [callbacks]
+        for cb in callbacks:
+            if not (hasattr(cb, "on_step") or callable(cb)):
+                raise BitsearchError(f"a callback must have on_step(state) or be callable, got {type(cb).__name__}")
+        self.callbacks = list(callbacks)
+        self.device = _resolve_device(self.recipe.device)
+        self.amp = self.device.type == "cuda"
+        self.config = QuantConfig(
+            weight_quantizer="int_sym",
+            weight_granularity=self.recipe.weight_granularity,
+            weight_clip=self.recipe.weight_clip,
+            activation_quantizer="auto",
+            activation_clip=self.recipe.activation_clip,
+            calibration_samples=self.recipe.calibration_samples,
+        )
+        n = len(self.train_x)
+        self.total_steps = self.recipe.total_steps(n)
+        self.batch_size = min(self.recipe.batch_size, n)
+        self.steps_per_epoch = max(1, n // self.batch_size)
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+        self._fixed_order: torch.Tensor | None = None
+        self._stop = threading.Event()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.seconds_before = 0.0
+        self.train_seconds_before = 0.0
+        self.initial_metrics: dict[str, Any] | None = None
+        self._rng_resume: dict[str, Any] | None = None
+        self.checkpoint_path: Path | None = None
+
+        if resume_from is not None:
+            ck = self._load_checkpoint(Path(resume_from))
+            self.allocation = Allocation.from_json(ck["allocation"])
+            self.model = self._build_from_layout(json.loads(ck["layers"]), ck["model"])
+        else:
+            ck = None
+            self.allocation = allocation
+            self.model = self._build_fresh()
+        self.model.to(self.device)
+        self.teacher = None
+        if self.recipe.distill:
+            self.teacher = copy.deepcopy(model).to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _cosine_factor(self.recipe, self.total_steps)
+        )
+        if ck is not None:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.step = int(ck["step"])
+            self.history = json.loads(ck["history"])
+            self.seconds_before = float(ck["seconds"])
+            self.train_seconds_before = float(ck["train_seconds"])
+            self.initial_metrics = json.loads(ck["initial_metrics"])
+            self._rng_resume = ck["rng"]
+            data = ck["data"]
+            if int(data["n"]) != n or int(data["batch_size"]) != self.batch_size:
+                raise BitsearchError(
+                    f"the checkpoint was trained on {int(data['n'])} items in batches of {int(data['batch_size'])}; "
+                    f"this run has {n} in batches of {self.batch_size}: resume with the same training data"
+                )
+
+    # --- building ---------------------------------------------------------------------------------
+    def _calibration_inputs(self) -> Any:
+        if self.calibration is not None:
+            return self.calibration
+        n = len(self.train_x)
+        k = min(n, self.recipe.calibration_samples)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + 104729))[:k]
+        return self.train_x[torch.sort(idx).values]
+
+    def _build_fresh(self) -> nn.Module:
+        qmodel = apply_allocation(self.teacher_source, self.allocation, self._calibration_inputs(), self.config)
+        for layer in quantized_layers(qmodel).values():
+            self._install(layer, layer.bits, static_w=layer.weight_quant, static_a=layer.input_quant)
+        return qmodel
+
+    def _build_from_layout(self, layout: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+        qmodel = copy.deepcopy(self.teacher_source)
+        layers = wrap_model(qmodel, self.config)
+        if set(layers) != set(layout):
+            raise BitsearchError("the checkpoint's layers do not match this model: resume with the same model")
+        for name, layer in layers.items():
+            entry = layout[name]
+            layer.bits = LayerBits.from_dict(entry["bits"], where=f"layer {name!r}")
+            layer.weight_quant = _quantizer_from_spec(entry["weight"])
+            layer.input_quant = _quantizer_from_spec(entry["input"])
+        _materialise(qmodel, state)
+        try:
+            qmodel.load_state_dict(state)
+        except RuntimeError as exc:
+            raise BitsearchError(f"the checkpoint does not fit this model: {exc}") from None
+        for layer in layers.values():
+            for q in (layer.weight_quant, layer.input_quant):
+                q.calibrated = True
+            layer._wq_cache = None
+        return qmodel
+
+    def _layout(self) -> dict[str, Any]:
+        return {
+            name: {
+                "bits": layer.bits.to_dict(),
+                "weight": _quantizer_spec(layer.weight_quant),
+                "input": _quantizer_spec(layer.input_quant),
+            }
+            for name, layer in quantized_layers(self.model).items()
+        }
+
+    def _static_weight_quantizer(self, layer: QuantizedLayer, bits: LayerBits) -> Quantizer:
+        """What `QuantizedLayer.set_bits` would build for the weights (data clips fall back to mse without stats)."""
+        wq = layer._make_weight_quantizer(bits)
+        if not wq.self_calibrating:
+            clip, ctx = self.config.weight_clip, ClipContext(percentile=self.config.percentile)
+            if clip in DATA_CLIPS:
+                if layer.stats is not None and wq.per_channel:
+                    _, ctx = layer.stats.weight_moments(layer.layer)
+                    ctx.percentile = self.config.percentile
+                else:
+                    clip = "mse"
+            w = layer.layer.weight.detach()
+            rows = w.flatten(1) if wq.per_channel else w.reshape(1, -1)
+            lo, hi = clip_range(clip, rows, wq, ctx)
+            wq.set_range(lo if wq.per_channel else lo[0], hi if wq.per_channel else hi[0])
+        return wq.to(layer.layer.weight.device)
+
+    def _weight_quantizer(self, layer: QuantizedLayer, bits: LayerBits, static: Quantizer | None) -> Quantizer:
+        r = self.recipe
+        w = layer.layer.weight.detach()
+        if is_float_bits(bits.weight_bits):
+            return FloatQuantizer(bits.weight_bits)
+        if bits.weight_quantizer in ("ternary", "binary") or bits.weight_bits == 1 or r.weight_quantizer == "int_sym":
+            if static is None or static.bits != bits.weight_bits or static.name != layer._make_weight_quantizer(bits).name:
+                static = self._static_weight_quantizer(layer, bits)
+            return static
+        per_channel = r.weight_granularity == "per_channel"
+        if r.weight_quantizer == "dorefa":
+            return DoReFaQuantizer(bits.weight_bits, per_channel=per_channel)
+        q = LSQQuantizer(
+            bits.weight_bits, per_channel=per_channel, signed=True, kind="weight",
+            channels=w.shape[0] if per_channel else 1,
+        )
+        if r.init == "paper":
+            q.init_from_tensor(w)
+        else:
+            if not isinstance(static, SymmetricQuantizer) or static.bits != bits.weight_bits:
+                static = self._static_weight_quantizer(layer, bits)
+            q._set_scale(static.scale)  # int_sym and narrow LSQ share Q_P: the same step
+        return q
+
+    def _input_quantizer(self, layer: QuantizedLayer, bits: LayerBits, static: Quantizer | None) -> Quantizer:
+        r = self.recipe
+        if is_float_bits(bits.activation_bits):
+            return FloatQuantizer(bits.activation_bits)
+        if static is None or static.self_calibrating or static.bits != bits.activation_bits:
+            static = layer._make_input_quantizer(bits)
+            calibrate_activation(static, layer.stats, self.config.activation_clip, self.config.percentile)
+        if r.activation_quantizer == "static":
+            return static
+        signed = static.name != "uint"
+        lo, hi = _static_range(static)
+        if r.activation_quantizer == "pact" and not signed:
+            if r.pact_alpha is not None:
+                alpha = r.pact_alpha
+            elif r.init == "paper":
+                alpha = 6.0
+            else:
+                alpha = max(float(hi), 1e-6)
+            return PACTQuantizer(bits.activation_bits, alpha=alpha)
+        q = LSQQuantizer(bits.activation_bits, signed=signed, kind="activation", asymmetric=signed)
+        if r.init == "paper" and layer.stats is not None:
+            q.init_from_tensor(layer.stats.values())
+        else:
+            q.set_range(lo, hi)
+        return q
+
+    def _install(self, layer: QuantizedLayer, bits: LayerBits, static_w=None, static_a=None) -> None:
+        device = layer.layer.weight.device
+        layer.weight_quant = self._weight_quantizer(layer, bits, static_w).to(device)
+        layer.input_quant = self._input_quantizer(layer, bits, static_a).to(device)
+        layer.bias_correction = None
+        layer.bits = bits
+        layer._wq_cache = None
+
+    # --- optimizer --------------------------------------------------------------------------------
+    def _param_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        quant_ids = {
+            id(p) for m in self.model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)
+        }
+        decay, no_decay, quant = [], [], []
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in quant_ids:
+                quant.append(p)
+            elif p.dim() > 1:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return decay, no_decay, quant
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        r = self.recipe
+        decay, no_decay, quant = self._param_lists()
+        qlr = r.lr if r.quantizer_lr is None else r.quantizer_lr
+        groups = [
+            {"params": decay, "weight_decay": r.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": quant, "weight_decay": 0.0, "lr": qlr},
+        ]
+        if r.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum)
+        return torch.optim.AdamW(groups, lr=r.lr, betas=(r.momentum, 0.999))
+
+    def _refresh_param_groups(self, reset: Iterable[nn.Parameter] = ()) -> None:
+        lists = self._param_lists()
+        for group, params in zip(self.optimizer.param_groups, lists):
+            group["params"] = list(params)
+        alive = {id(p) for params in lists for p in params}
+        reset_ids = {id(p) for p in reset}
+        for p in list(self.optimizer.state.keys()):
+            if id(p) not in alive or id(p) in reset_ids:
+                del self.optimizer.state[p]
+
+    # --- the bit-width hook -----------------------------------------------------------------------
+    def set_allocation(self, allocation: Allocation) -> list[str]:
+        """Switch to `allocation` (see the module docstring); returns the names of the changed layers."""
+        if not isinstance(allocation, Allocation):
+            raise BitsearchError(f"set_allocation takes an Allocation, got {type(allocation).__name__}")
+        layers = quantized_layers(self.model)
+        allocation.check_layers(layers)
+        changed = [n for n, layer in layers.items() if layer.bits != allocation[n]]
+        if not changed:
+            self.allocation = allocation
+            return []
+        need_stats = [
+            n for n in changed
+            if not is_float_bits(allocation[n].activation_bits)
+            and is_float_bits(layers[n].bits.activation_bits)
+            and layers[n].stats is None
+        ]
+        if need_stats:
+            calib = self._calibration_inputs()
+            if torch.is_tensor(calib):
+                calib = self._to_device(calib)
+            training = self.model.training
+            collect_statistics(self.model, {n: layers[n] for n in need_stats}, calib, self.config)
+            if training:
+                self._train_mode()  # collect_statistics restores plain train(), which would unfreeze BN
+        reset: list[nn.Parameter] = []
+        for n in changed:
+            reset += self._rebits(layers[n], allocation[n])
+        self.allocation = allocation
+        self._refresh_param_groups(reset)
+        for layer in layers.values():
+            layer._wq_cache = None
+        self.history.append({"step": self.step, "allocation_changed": changed})
+        return changed
+
+    def _rebits(self, layer: QuantizedLayer, new: LayerBits) -> list[nn.Parameter]:
+        old = layer.bits
+        reset: list[nn.Parameter] = []
+        device = layer.layer.weight.device
+
+        def plain_int(bits: int, override: str | None = None) -> bool:
+            return not is_float_bits(bits) and bits >= 2 and override not in ("ternary", "binary")
+
+        if (old.weight_bits, old.weight_quantizer) != (new.weight_bits, new.weight_quantizer):
+            wq = layer.weight_quant
+            if plain_int(old.weight_bits, old.weight_quantizer) and plain_int(new.weight_bits, new.weight_quantizer):
+                if isinstance(wq, LearnableQuantizer):
+                    wq.change_bits(new.weight_bits)
+                    reset += list(wq.parameters())
+                else:
+                    lo, hi = _static_range(wq)
+                    nq = make_quantizer(wq.name, new.weight_bits, per_channel=wq.per_channel, ch_axis=wq.ch_axis)
+                    nq.set_range(lo, hi)
+                    layer.weight_quant = nq.to(device)
+            else:
+                layer.weight_quant = self._weight_quantizer(layer, new, None).to(device)
+        if old.activation_bits != new.activation_bits:
+            iq = layer.input_quant
+            if plain_int(old.activation_bits) and plain_int(new.activation_bits):
+                if isinstance(iq, LearnableQuantizer):
+                    iq.change_bits(new.activation_bits)
+                    reset += list(iq.parameters())
+                else:
+                    lo, hi = _static_range(iq)
+                    nq = make_quantizer(iq.name, new.activation_bits)
+                    nq.set_range(lo, hi)
+                    layer.input_quant = nq.to(device)
+            else:
+                layer.input_quant = self._input_quantizer(layer, new, None).to(device)
+        layer.bits = new
+        return reset
+
+    def request_stop(self) -> None:
+        """Ask the training loop to stop after the current step (safe from another thread)."""
+        self._stop.set()
+
+    # --- data -------------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.train_x), generator=g))
+        return self._perm_cache[1]
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        idx = self._epoch_order(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
+        return self._to_device(self.train_x[idx]), self._to_device(self.train_y[idx])
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- modes, BN, evaluation ----------------------------------------------------------------------
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.recipe.bn == "frozen":
+            for m in self.model.modules():
+                if _is_bn(m):
+                    m.eval()
+
+    @torch.no_grad()
+    def _reestimate_bn(self) -> None:
+        bns = [m for m in self.model.modules() if _is_bn(m) and m.track_running_stats]
+        if not bns:
+            return
+        if self._fixed_order is None:
+            g = torch.Generator().manual_seed(self.recipe.seed + 15485863)
+            self._fixed_order = torch.randperm(len(self.train_x), generator=g)
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the re-estimation batches
+        self.model.train()
+        n = len(self._fixed_order)
+        try:
+            for i in range(self.recipe.bn_batches):
+                start = (i * self.batch_size) % n
+                idx = self._fixed_order[start : start + self.batch_size]
+                with self._autocast():
+                    self.model(self._to_device(self.train_x[idx]))
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            self._train_mode()
+
+    def evaluate(self, data: Any = None, batch_size: int = 256) -> dict[str, Any]:
+        """Top-1 and cross-entropy of the current model on `data` (default: eval_data)."""
+        if data is None and self.eval_data is None:
+            raise BitsearchError("no evaluation data")
+        x, y = _as_xy(data, "data", need_labels=True) if data is not None else self.eval_data
+        for layer in quantized_layers(self.model).values():
+            layer._wq_cache = None
+        was_training = self.model.training
+        self.model.eval()
+        correct, loss_sum = 0, 0.0
+        try:
+            with torch.inference_mode(), self._autocast():
+                for i in range(0, len(x), batch_size):
+                    logits = self.model(self._to_device(x[i : i + batch_size])).float()
+                    yb = self._to_device(y[i : i + batch_size])
+                    correct += int((logits.argmax(1) == yb).sum())
+                    loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        finally:
+            for layer in quantized_layers(self.model).values():
+                layer._wq_cache = None
+            if was_training:
+                self._train_mode()
+        n = len(x)
+        return {"n": n, "top1": 100.0 * correct / n, "loss": loss_sum / n}
+
+    def _evaluate_now(self) -> dict[str, Any] | None:
+        if self.eval_data is None:
+            return None
+        if self.recipe.bn == "reestimate":
+            self._reestimate_bn()
+        return self.evaluate()
+
+    # --- loss -------------------------------------------------------------------------------------
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor, step: int) -> torch.Tensor:
+        r = self.recipe
+        with self._autocast():
+            logits = self.model(xb)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, yb)
+        if self.teacher is not None:
+            with torch.no_grad(), self._autocast():
+                t_logits = self.teacher(xb)
+            t = r.distill_temperature
+            kd = F.kl_div(
+                F.log_softmax(logits / t, dim=1), F.log_softmax(t_logits.float() / t, dim=1),
+                reduction="batchmean", log_target=True,
+            ) * (t * t)
+            loss = (1 - r.distill_alpha) * loss + r.distill_alpha * kd
+        if r.binreg_lambda > 0 and step >= r.binreg_start:
+            br = binreg_loss(self.model)
+            if br is not None:
+                loss = loss + r.binreg_lambda * br
+        if r.pact_l2 > 0:
+            pen = pact_l2_penalty(self.model)
+            if pen is not None:
+                loss = loss + r.pact_l2 * pen
+        return loss
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise BitsearchError(f"checkpoint {path} does not exist")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BitsearchError(f"cannot read the QAT checkpoint {path}: {exc}") from None
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            raise BitsearchError(f"{path} is not a bitsearch QAT checkpoint")
+        if ck.get("version") != CHECKPOINT_VERSION:
+            raise BitsearchError(f"QAT checkpoint version {ck.get('version')!r} is not supported")
+        saved = QATRecipe.from_dict(json.loads(ck["recipe"]))
+        diff = [k for k in self.recipe.differences(saved) if k not in RESUMABLE_CHANGES]
+        if diff:
+            raise BitsearchError(
+                f"the recipe differs from the checkpoint's in {diff}; a resumed run must use the same recipe "
+                f"(only {list(RESUMABLE_CHANGES)} may change)"
+            )
+        return ck
+
+    def _save_checkpoint(self, seconds: float, train_seconds: float) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "layers": json.dumps(self._layout()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "allocation": self.allocation.to_json(indent=None),
+            "recipe": json.dumps(self.recipe.to_dict()),
+            "rng": _rng_state(),
+            "data": {"epoch": epoch, "position": pos, "n": len(self.train_x), "batch_size": self.batch_size},
+            "history": json.dumps(self.history),
+            "initial_metrics": json.dumps(self.initial_metrics),
+            "seconds": float(seconds),
+            "train_seconds": float(train_seconds),
+        }
+        path = self.checkpoint_dir / CHECKPOINT_NAME
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=self.checkpoint_dir)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.checkpoint_path = path
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _call_callbacks(self, state: StepState) -> None:
+        for cb in self.callbacks:
+            fn = cb.on_step if hasattr(cb, "on_step") else cb
+            ret = fn(state)
+            if isinstance(ret, Allocation):
+                self.set_allocation(ret)
+                state.allocation = self.allocation
+
+    def run(self) -> QATResult:
+        r = self.recipe
+        caller_rng = _rng_state()
+        t0 = time.perf_counter()
+        train_time = 0.0
+        stopped = False
+        try:
+            if self._rng_resume is not None:
+                _set_rng_state(self._rng_resume)
+            else:
+                torch.manual_seed(r.seed)
+                random.seed(r.seed)
+                np.random.seed(r.seed)
+                if self.device.type == "cuda":
+                    torch.cuda.manual_seed_all(r.seed)
+                if self.step == 0 and self.eval_data is not None:
+                    self.initial_metrics = self.evaluate()
+            self._train_mode()
+            while self.step < self.total_steps:
+                ts = time.perf_counter()
+                xb, yb = self._batch(self.step)
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss = self._loss(xb, yb, self.step)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise BitsearchError(f"the QAT loss became {loss_value} at step {self.step}; lower the lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if r.grad_clip is not None:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                train_time += time.perf_counter() - ts
+                record: dict[str, Any] = {"step": self.step, "loss": loss_value, "lr": lr}
+                metrics = None
+                if r.eval_every and self.step % r.eval_every == 0 and self.step < self.total_steps:
+                    metrics = self._evaluate_now()
+                    if metrics is not None:
+                        record["eval"] = metrics
+                self.history.append(record)
+                state = StepState(
+                    step=self.step, total_steps=self.total_steps, epoch=self.step // self.steps_per_epoch,
+                    loss=loss_value, lr=lr, seconds=self.seconds_before + time.perf_counter() - t0,
+                    allocation=self.allocation, model=self.model, trainer=self, metrics=metrics,
+                )
+                self._call_callbacks(state)
+                stopped = state.stop_requested or self._stop.is_set()
+                due = r.checkpoint_every and self.step % r.checkpoint_every == 0
+                if (due or stopped) and self.step < self.total_steps:
+                    self._save_checkpoint(
+                        self.seconds_before + time.perf_counter() - t0, self.train_seconds_before + train_time
+                    )
+                if stopped:
+                    break
+            # A run stopped early already wrote its checkpoint above; what follows (BN re-estimation, the
+            # evaluation) only touches the model in memory, so resuming it stays bit-exact.
+            if r.bn == "reestimate":
+                self._reestimate_bn()
+            metrics = self.evaluate() if self.eval_data is not None else {}
+            seconds = self.seconds_before + time.perf_counter() - t0
+            train_seconds = self.train_seconds_before + train_time
+            if self.step >= self.total_steps:
+                self.history.append({"step": self.step, "final": metrics})
+                self._save_checkpoint(seconds, train_seconds)
+        finally:
+            _set_rng_state(caller_rng)
+        self.model.eval()
+        result = QATResult(
+            metrics=metrics, steps=self.step, seconds=seconds, history=self.history, allocation=self.allocation,
+            checkpoint=self.checkpoint_path, model=self.model, recipe=r, stopped=stopped,
+            initial_metrics=self.initial_metrics, train_seconds=train_seconds, device=str(self.device),
+        )
+        for cb in self.callbacks:
+            if hasattr(cb, "on_end"):
+                cb.on_end(result)
+        return result
