@@ -205,9 +205,14 @@ def pareto_front(
     metric: str,
     n_points: int = 20,
     solver: str = "ilp",
+    extra_limits: "Sequence[float] | None" = None,
     **solver_options: Any,
 ) -> ParetoFront:
     """Sweep `n_points` budgets on `metric` between its cheapest and dearest feasible values.
+
+    `extra_limits`: budgets on `metric` to solve for as well (e.g. the ones a user asked for), so that a
+    recommendation at such a budget can use the solver's answer for exactly that budget, not only the
+    nearest cheaper grid point.
 
     `problem_or_parts`: an `AllocationProblem` or its parts, `(table, cost, budgets, constraints)`. A budget
     it already has on `metric` is replaced by the sweep; its other budgets and constraints hold at every
@@ -233,6 +238,8 @@ def pareto_front(
     hi = base.max_metric(m, bound_solver)
     hi = lo if hi is None or hi < lo else hi
     limits = _sweep_limits(base, m, lo, hi, n_points)
+    if extra_limits:
+        limits = sorted(set(limits) | {float(x) for x in extra_limits if lo <= float(x) <= hi})
     notes: list[str] = []
     if bound_solver != impl.name:
         notes.append(

@@ -210,6 +210,7 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
 
     from quant.cost import CostModel
     from search import AllocationProblem, Constraints, measure_front, pareto_front, parse_budgets, recommend
+    from search.problem import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
 
     s = spec if isinstance(spec, SearchSpec) else SearchSpec.from_dict(spec)
@@ -242,7 +243,10 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
         constraints.pin_last = constraints.pin_last or LayerBits(8, 8)
     problem = AllocationProblem(table, cost, budgets, constraints)
     metric = s.pareto_metric or (budgets[0].metric if budgets else "avg_weight_bits")
-    front = pareto_front(problem, metric, s.pareto, s.solver, **s.solver_params)
+    # Solve exactly at the requested budgets on the swept metric too: a grid point just below a budget
+    # can be much worse than the optimum at it (ResNet-20 at 2.5 average bits: 27 % against 65 %).
+    requested = [b.limit for b in budgets if b.metric == canonical_metric(metric)]
+    front = pareto_front(problem, metric, s.pareto, s.solver, extra_limits=requested, **s.solver_params)
     timings["solve"] = time.perf_counter() - t
 
     recommendations: list[dict[str, Any]] = []
