@@ -2,9 +2,11 @@
 
 (1) Step time: one SGD step (batch 128, CPU) of the plain FP32 model against the same step of the LSQ W4A4
     fake-quant model, interleaved in one process; the ratio of the medians.
-(2) Accuracy: the FP32 model fine-tuned for --steps steps (the fair baseline: the pretrained model has never
-    seen these JPEG images), then uniform W4A4 and W3A4 (every layer, the first and last included), each
-    fine-tuned with the same recipe and number of steps; top-1 on all of test.npz.
+(2) Accuracy, top-1 on all of test.npz: (a) the FP32 model fine-tuned for --steps steps (the fair baseline:
+    the pretrained model has never seen these JPEG images), and uniform W4A4 and W3A4 (every layer, the first
+    and last included) each fine-tuned from the pretrained model with the same recipe and number of steps;
+    (b) W4A4 fine-tuned from that fine-tuned FP32 model (KD from it) against FP32 fine-tuned as many further
+    steps.
 
     .venv/bin/python bench/qat.py --steps 200          # writes bench/results/qat.md
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, write_result  # noqa: E402
 
 from quant import Allocation, discover_layers  # noqa: E402
-from quant.qat import PrintProgress, QATRecipe, QATTrainer, finetune  # noqa: E402
+from quant.qat import PrintProgress, QATRecipe, QATTrainer, finetune, strip_quantizers  # noqa: E402
 from zoo import load_model, load_npz  # noqa: E402
 
 
@@ -71,8 +73,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--bn", default="train", choices=["train", "frozen", "reestimate"])
-    ap.add_argument("--distill", action="store_true", help="KD from the pretrained FP32 model (QAT runs only)")
+    ap.add_argument("--distill", action="store_true", help="(a) with KD from the pretrained FP32 model")
     ap.add_argument("--bits", default="4/4,3/4", help="comma-separated uniform W/A options (default 4/4,3/4)")
+    ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also (b): QAT from the fine-tuned FP32 model with KD, against FP32 with as many steps")
+    ap.add_argument("--pipeline-bits", default="4/4", help="the quantized options run in (b) (default 4/4)")
     ap.add_argument("--timing-rounds", type=int, default=8, help="interleaved FP32/QAT steps timed (0: skip)")
     ap.add_argument("--no-accuracy", action="store_true", help="only the step-time measurement")
     ap.add_argument("--eval-items", type=int, default=None, help="score on the first N test images (default all)")
@@ -116,39 +121,66 @@ def main() -> None:
         ]
 
     if not args.no_accuracy:
-        rows = []
-        runs = [("FP32", "fp")] + [(f"W{b.split('/')[0]}A{b.split('/')[1]}", b) for b in args.bits.split(",") if b]
-        for label, bits in runs:
-            r = recipe if bits == "fp" or not args.distill else QATRecipe(**{**recipe.to_dict(), "distill": True})
+        kd = QATRecipe(**{**recipe.to_dict(), "distill": True})
+
+        def run(label, model, bits, r, tag=""):
             res = finetune(
-                loaded.model, Allocation.uniform(names, bits), train, r, calibration=calib, eval_data=test,
-                callbacks=PrintProgress(every=25, prefix=f"[{label}] "),
+                model, Allocation.uniform(names, bits), train, r, calibration=calib, eval_data=test,
+                callbacks=PrintProgress(every=50, prefix=f"[{tag}{label}] "),
             )
             start, end = res.initial_metrics["top1"], res.metrics["top1"]
-            print(f"{label}: start {start:.2f} % -> {end:.2f} % after {res.steps} steps "
+            print(f"{tag}{label}: start {start:.2f} % -> {end:.2f} % after {res.steps} steps "
                   f"({res.train_seconds:.0f} s training, {res.seconds:.0f} s total)", flush=True)
-            rows.append((label, start, end, res.steps, res.train_seconds, res.seconds))
-        fp_end = rows[0][2]
+            return res, (label, start, end, res.steps, res.train_seconds, res.seconds)
+
+        def table(rows, ref_label, start_label):
+            out = [
+                f"| model | before | after | vs {ref_label} | steps | training s | total s |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            ref = rows[0][2]
+            for label, start, end, steps, ts, tt in rows:
+                delta = "—" if label.startswith("FP32") else f"**{end - ref:+.2f}**"
+                before = f"{start:.2f}" + (f" ({start_label})" if label.startswith("FP32") else " (PTQ)")
+                out.append(f"| {label} | {before} | **{end:.2f}** | {delta} | {steps} | {ts:.0f} | {tt:.0f} |")
+            return out
+
+        qbits = [(f"W{b.split('/')[0]}A{b.split('/')[1]}", b) for b in args.bits.split(",") if b]
+        fp_res, fp_row = run("FP32", loaded.model, "fp", recipe)
+        rows = [fp_row] + [run(label, loaded.model, b, kd if args.distill else recipe)[1] for label, b in qbits]
         n_test = len(test)
         lines += [
-            f"**Accuracy** (top-1 on {n_test:,} test images; train.npz for training, 256 of its images for "
-            "calibration). Every model, FP32 included, fine-tuned with the same recipe and steps: "
-            f"SGD momentum 0.9, lr {args.lr} cosine, weight decay {args.weight_decay}, batch {args.batch_size}, "
-            f"BN {args.bn}{', KD from FP32 (quantized runs)' if args.distill else ''}; LSQ weights per channel, "
-            "LSQ activations per tensor (unsigned after ReLU; LSQ+ with a learned offset for the normalised "
-            "image), steps initialised from MSE-calibrated ranges; every layer quantized, the first and last "
-            "included. 'Before fine-tuning' is that initialisation (PTQ). The pretrained model never saw JPEG "
-            "images, so fine-tuning alone gains FP32 several points: the quantized runs adapt and quantize "
-            "in the same steps.",
+            f"**Accuracy** (top-1 on {n_test:,} test images of test.npz; training on train.npz, 256 of its images "
+            f"for calibration). Recipe of every run: SGD momentum 0.9, lr {args.lr} cosine, weight decay "
+            f"{args.weight_decay}, batch {args.batch_size}, BN {args.bn}, {args.steps} steps. LSQ weights per "
+            "channel, LSQ activations per tensor (unsigned after ReLU; LSQ+ with a learned offset for the "
+            "normalised image), steps initialised from MSE-calibrated ranges; every layer quantized, the first "
+            "and last included. 'Before' is that initialisation (PTQ). The pretrained model never saw JPEG "
+            "images, so fine-tuning alone gains FP32 several points.",
             "",
-            "| model | before fine-tuning | after | vs fine-tuned FP32 | steps | training s | total s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            f"(a) Equal steps from the pretrained model: FP32, and each quantized model{' (KD from FP32)' if args.distill else ''}, "
+            f"fine-tuned {args.steps} steps; the quantized runs adapt to the data and to quantization in the same "
+            "steps.",
+            "",
         ]
-        for label, start, end, steps, ts, tt in rows:
-            delta = "—" if label == "FP32" else f"{end - fp_end:+.2f}"
-            before = f"{start:.2f}" + (" (pretrained)" if label == "FP32" else " (PTQ)")
-            lines.append(f"| {label} | {before} | **{end:.2f}** | {delta} | {steps} | {ts:.0f} | {tt:.0f} |")
+        lines += table(rows, "fine-tuned FP32", "pretrained")
         lines.append("")
+        if args.pipeline:
+            # (b) the usual pipeline: QAT starts from the fine-tuned FP32 model, with KD from it; the FP32
+            # reference gets the same further steps. The next data (seed + 1) is used for both.
+            ft = strip_quantizers(fp_res.model)
+            nxt = QATRecipe(**{**recipe.to_dict(), "seed": recipe.seed + 1})
+            nxt_kd = QATRecipe(**{**nxt.to_dict(), "distill": True})
+            rows_b = [run("FP32", ft, "fp", nxt, tag="(b) ")[1]]
+            rows_b += [run(label, ft, b, nxt_kd, tag="(b) ")[1] for label, b in qbits if b in args.pipeline_bits.split(",")]
+            lines += [
+                f"(b) From the fine-tuned FP32 model above: {args.steps} further steps for FP32 and for each "
+                f"quantized model (KD from the fine-tuned FP32, T 4, α 0.5), so both have {2 * args.steps} steps "
+                "in total.",
+                "",
+            ]
+            lines += table(rows_b, f"FP32 after {2 * args.steps} steps", f"after {args.steps} steps")
+            lines.append("")
     lines.append(f"Wall time of the whole script: {time.perf_counter() - t_start:.0f} s.")
     out = "\n".join(lines) + "\n"
     print(out)

@@ -23,7 +23,8 @@ Callbacks and the bit-width hook
 `callbacks` is one object or a list. Each is either an object with `on_step(state)` (and optionally
 `on_end(result)`) or a plain callable `f(state)`. It is called after every optimizer step (and after that
 step's evaluation, if any) with a `StepState`: `step` (steps done), `total_steps`, `epoch`, `loss`, `lr`,
-`metrics` (this step's evaluation or None), `seconds`, `allocation`, `model` and `trainer`. A callback
+`metrics` (this step's evaluation or None), `seconds`, `allocation`, `model` and `trainer`. The `.grad`
+of every parameter still holds this step's gradient (after `grad_clip`) when `on_step` runs. A callback
 
 - stops training by calling `state.request_stop()` (or, from another thread, `trainer.request_stop()`): the
   loop ends cleanly after this step, a checkpoint is written (when there is a checkpoint_dir), the model is
@@ -197,7 +198,13 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
 ) -> QATResult:
-    """Quantization-aware fine-tuning of `model` at `allocation`; see the module docstring."""
+    """Quantization-aware fine-tuning of `model` at `allocation`; see the module docstring.
+
+    `train_data` / `eval_data`: an `ArrayDataset` with labels (or an `(x, y)` pair of tensors);
+    `calibration`: what `apply_allocation` takes (default: `recipe.calibration_samples` seeded items of the
+    training data). With `resume_from`, the model layout, the (possibly changed) allocation and all training
+    state come from the checkpoint; `model` is still needed (architecture, KD teacher).
+    """
     return QATTrainer(
         model, allocation, train_data, recipe, callbacks, calibration, eval_data, checkpoint_dir, resume_from
     ).run()
