@@ -7,17 +7,14 @@ both claim a job, and a worker that lost its job (requeued after a stale heartbe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Iterable
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Job, JobStatus, Result, utcnow
-
-ACTIVE = (JobStatus.queued, JobStatus.running)
-
 
 def submit(
     sf: sessionmaker[Session],
@@ -193,26 +190,3 @@ def results_for(sf: sessionmaker[Session], job_id: str) -> list[Result]:
         for r in rows:
             s.expunge(r)
         return rows
-
-
-def wait_until(sf: sessionmaker[Session], job_id: str, statuses: Iterable[JobStatus], timeout: float,
-               poll: float = 0.2) -> Job | None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    wanted = set(statuses)
-    while time.monotonic() < deadline:
-        job = get(sf, job_id)
-        if job is not None and job.status in wanted:
-            return job
-        time.sleep(poll)
-    return get(sf, job_id)
-
-
-def count_active(sf: sessionmaker[Session]) -> int:
-    with sf() as s:
-        return s.scalar(select(func.count()).select_from(Job).where(or_(*(Job.status == st for st in ACTIVE)))) or 0
-
-
-def now() -> datetime:
-    return utcnow()

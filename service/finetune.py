@@ -37,9 +37,9 @@ def load_training_data(spec: dict[str, Any]):
         d = load_data(data_ref, inputs.loaded.normalisation, seed=spec.get("seed", 0))
         train = d.train if isinstance(d, DataSplits) else None
     if train is None:
-        raise BitsearchError("fine-tuning needs training data: a zoo data set with a train split "
-                             "(give training data as the data reference and the test data as calib_data is not "
-                             "supported yet)")
+        # An .npz file gives one array set with no train/test roles; fine-tuning needs both.
+        raise BitsearchError("fine-tuning needs a data set with a train split (e.g. zoo:digits); "
+                             "training from an .npz file is not supported yet")
     return inputs, train
 
 

@@ -94,28 +94,9 @@ async def upload_model(request: Request, tenant: TenantId, sf: SF, settings: Set
                 "unrecognised model file: upload a torch.export archive (.pt2, from "
                 "torch.export.save) or safetensors weights with architecture=zoo:NAME",
             )
-        model_id = new_id()
-        rel = f"uploads/{tenant}/models/{model_id}.{'pt2' if fmt == 'pt2' else 'safetensors'}"
-        final = abs_path(settings, rel)
-        storage.place(received, final)
-        try:
-            row = repo.add_upload(
-                sf,
-                StoredModel,
-                id=model_id,
-                tenant_id=tenant,
-                name=_name(received),
-                format=fmt,
-                architecture=arch,
-                filename=received.filename,
-                path=rel,
-                size_bytes=received.size,
-                sha256=received.sha256,
-                info=info,
-            )
-        except BaseException:
-            storage.remove_file(final)
-            raise
+        ext = "pt2" if fmt == "pt2" else "safetensors"
+        row = _store(sf, settings, received, StoredModel, tenant, "models", ext,
+                     format=fmt, architecture=arch, info=info)
     finally:
         received.discard()
     return views.model_out(row)
@@ -129,20 +110,12 @@ def list_models(tenant: TenantId, sf: SF, limit: Limit = 50, offset: Offset = 0)
 
 @router.get("/models/{model_id}", response_model=ModelOut)
 def get_model(model_id: UploadId, tenant: TenantId, sf: SF) -> ModelOut:
-    views.check_id(model_id, "model")
-    row = repo.get_upload(sf, StoredModel, tenant, model_id)
-    if row is None:
-        raise views.not_found("model", model_id)
-    return views.model_out(row)
+    return views.model_out(_get_or_404(sf, StoredModel, tenant, model_id, "model"))
 
 
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(model_id: UploadId, tenant: TenantId, sf: SF, settings: SettingsDep) -> Response:
-    views.check_id(model_id, "model")
-    row = repo.delete_upload(sf, StoredModel, tenant, model_id)
-    if row is None:
-        raise views.not_found("model", model_id)
-    storage.remove_file(abs_path(settings, row.path))
+    _delete_or_404(sf, settings, StoredModel, tenant, model_id, "model")
     return Response(status_code=204)
 
 
@@ -169,26 +142,7 @@ async def upload_dataset(request: Request, tenant: TenantId, sf: SF, settings: S
                 "arrays with numpy.savez(path, x=..., y=...)",
             )
         info = await run_in_threadpool(up.inspect_dataset_upload, received.path)
-        dataset_id = new_id()
-        rel = f"uploads/{tenant}/datasets/{dataset_id}.npz"
-        final = abs_path(settings, rel)
-        storage.place(received, final)
-        try:
-            row = repo.add_upload(
-                sf,
-                StoredDataset,
-                id=dataset_id,
-                tenant_id=tenant,
-                name=_name(received),
-                filename=received.filename,
-                path=rel,
-                size_bytes=received.size,
-                sha256=received.sha256,
-                info=info,
-            )
-        except BaseException:
-            storage.remove_file(final)
-            raise
+        row = _store(sf, settings, received, StoredDataset, tenant, "datasets", "npz", info=info)
     finally:
         received.discard()
     return views.dataset_out(row)
@@ -202,18 +156,42 @@ def list_datasets(tenant: TenantId, sf: SF, limit: Limit = 50, offset: Offset = 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: UploadId, tenant: TenantId, sf: SF) -> DatasetOut:
-    views.check_id(dataset_id, "dataset")
-    row = repo.get_upload(sf, StoredDataset, tenant, dataset_id)
-    if row is None:
-        raise views.not_found("dataset", dataset_id)
-    return views.dataset_out(row)
+    return views.dataset_out(_get_or_404(sf, StoredDataset, tenant, dataset_id, "dataset"))
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204)
 def delete_dataset(dataset_id: UploadId, tenant: TenantId, sf: SF, settings: SettingsDep) -> Response:
-    views.check_id(dataset_id, "dataset")
-    row = repo.delete_upload(sf, StoredDataset, tenant, dataset_id)
-    if row is None:
-        raise views.not_found("dataset", dataset_id)
-    storage.remove_file(abs_path(settings, row.path))
+    _delete_or_404(sf, settings, StoredDataset, tenant, dataset_id, "dataset")
     return Response(status_code=204)
+
+
+def _store(sf, settings, received, table, tenant: str, folder: str, ext: str, **fields):
+    """Move a received upload to its final place and record it; the file goes again if the row fails."""
+    upload_id = new_id()
+    rel = f"uploads/{tenant}/{folder}/{upload_id}.{ext}"
+    final = abs_path(settings, rel)
+    storage.place(received, final)
+    try:
+        return repo.add_upload(
+            sf, table, id=upload_id, tenant_id=tenant, name=_name(received), filename=received.filename,
+            path=rel, size_bytes=received.size, sha256=received.sha256, **fields,
+        )
+    except BaseException:
+        storage.remove_file(final)
+        raise
+
+
+def _get_or_404(sf, table, tenant: str, upload_id: str, what: str):
+    views.check_id(upload_id, what)
+    row = repo.get_upload(sf, table, tenant, upload_id)
+    if row is None:
+        raise views.not_found(what, upload_id)
+    return row
+
+
+def _delete_or_404(sf, settings, table, tenant: str, upload_id: str, what: str) -> None:
+    views.check_id(upload_id, what)
+    row = repo.delete_upload(sf, table, tenant, upload_id)
+    if row is None:
+        raise views.not_found(what, upload_id)
+    storage.remove_file(abs_path(settings, row.path))
