@@ -14,7 +14,7 @@ from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Job, JobStatus, Schedule, utcnow
+from .models import Job, JobStatus, Schedule, new_id, utcnow
 from .tables import (
     AllocationRow,
     ApiKey,
@@ -159,6 +159,16 @@ class IdempotencyConflict(Exception):
         self.search = search
 
 
+@dataclass
+class NewJob:
+    """A job to queue together with the row that it works for."""
+
+    kind: str
+    spec: dict[str, Any]
+    queue: str
+    max_attempts: int
+
+
 def create_search(
     sf: SF,
     *,
@@ -172,11 +182,27 @@ def create_search(
     request_hash: str | None = None,
     schedule_id: str | None = None,
     job_id: str | None = None,
+    new_job: NewJob | None = None,
 ) -> tuple[Search, bool]:
     """Insert a search; returns (search, created). With an idempotency key already used by this tenant,
-    returns the earlier search (created=False), or raises `IdempotencyConflict` if its body differed."""
+    returns the earlier search (created=False), or raises `IdempotencyConflict` if its body differed.
+
+    With `new_job`, its queued job and the link between the two are inserted in the same transaction: one
+    commit instead of three, and no search can be left without its job."""
     try:
         with sf.begin() as s:
+            if new_job is not None:
+                job_id = new_id()
+                s.add(
+                    Job(
+                        id=job_id,
+                        kind=new_job.kind,
+                        spec=new_job.spec,
+                        queue=new_job.queue,
+                        max_attempts=new_job.max_attempts,
+                        tenant_id=tenant_id,
+                    )
+                )
             row = Search(
                 id=search_id,
                 tenant_id=tenant_id,
@@ -190,6 +216,8 @@ def create_search(
                 job_id=job_id,
             )
             s.add(row)
+            if new_job is not None:
+                s.add(SearchJob(search_id=search_id, job_id=job_id, role="search"))
             s.flush()
             s.expunge(row)
             return row, True

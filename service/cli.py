@@ -188,6 +188,9 @@ def worker(
     if not qs:
         raise BitsearchError("--queues needs at least one queue name")
     settings = get_settings()
+    from service.jobs.local import lower_priority
+
+    lower_priority(settings.worker_nice)
     if settings.broker_url:
         from service.jobs.celery_app import run_worker
 
@@ -287,9 +290,11 @@ def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
     import logging
 
     from service.api import search_job  # noqa: F401
-    from service.jobs.local import work_loop
+    from service.jobs.local import lower_priority, work_loop
+    from service.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lower_priority(get_settings().worker_nice)
     work_loop(queues, db_url=db_url)
 
 
@@ -325,6 +330,8 @@ def serve(
                                 help="Local job worker processes (without a broker); 0: run none."),
     demo: bool = typer.Option(False, "--demo", help="Prepare the digits demo, create a key, print a curl example."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    http_workers: int = typer.Option(1, "--http-workers", min=1, max=64,
+                                     help="API processes (uvicorn workers) sharing the port."),
 ) -> None:
     """Run the REST service: uvicorn with the API; without BITSEARCH_BROKER_URL also local job workers and
     the cron scheduler in-process (with a broker, run `bitsearch worker` and celery beat beside it)."""
@@ -379,7 +386,11 @@ def serve(
 
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        uvicorn.run(create_app(settings, sf), host=host, port=port, access_log=access_log, log_level="info")
+        if http_workers == 1:
+            uvicorn.run(create_app(settings, sf), host=host, port=port, access_log=access_log, log_level="info")
+        else:  # each process builds its own app from the same BITSEARCH_* environment (migrated above)
+            uvicorn.run("service.api.app:create_app", factory=True, workers=http_workers, host=host,
+                        port=port, access_log=access_log, log_level="info")
     finally:
         if scheduler is not None:
             scheduler.stop_event.set()

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     qat_queue: str = "cpu"  # "gpu" sends fine-tuning to GPU workers
     poll_interval: float = 0.5  # how often an idle local worker looks for work
+    worker_nice: int = Field(10, ge=0, le=19)  # local and Celery workers run this much nicer than the API
     # REST service (`bitsearch serve`)
     max_model_bytes: int = 512 * 1024**2  # largest model upload (.pt2 / safetensors)
     max_dataset_bytes: int = 2 * 1024**3  # largest .npz upload

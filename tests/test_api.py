@@ -192,6 +192,43 @@ def test_search_is_accepted_and_runs_as_a_search_job(api, sf):
     assert client.get(f"/searches/{acc['id']}/pareto", headers=a).status_code == 404  # no results yet
 
 
+def test_a_search_its_job_and_their_link_are_stored_together(api, sf):
+    client, a, _ = api
+    acc = submit(client, a)
+    assert repo.search_job_ids(sf, job_repo.get(sf, acc["job_id"]).tenant_id, acc["id"]) == [acc["job_id"]]
+
+
+def test_a_search_that_cannot_be_queued_is_refused_and_leaves_nothing_behind(sf, settings):
+    """With a broker that is down, POST /search answers 503, and neither the search nor a runnable job stays."""
+    down = Settings(data_dir=settings.data_dir, broker_url="redis://127.0.0.1:1/0")
+    key, _ = create_key(sf, "no-broker")
+    h = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(down, sf)) as client:
+        r = client.post("/search", json=SEARCH, headers=h)
+        assert r.status_code == 503 and "could not queue the search" in r.json()["detail"]
+        assert client.get("/searches", headers=h).json()["total"] == 0
+    assert job_repo.list_jobs(sf, status="queued") == []
+    assert [j.status for j in job_repo.list_jobs(sf, kind="search")] == [JobStatus.cancelled]
+
+
+def test_links_match_starlettes_url_for(api, sf):
+    """The service builds its links from a table of route paths; they must be the ones Starlette builds."""
+    from starlette.requests import Request
+
+    from service.api import views
+
+    client, _, _ = api
+    app = client.app
+    request = Request({"type": "http", "app": app, "scheme": "http", "server": ("testserver", 80),
+                       "path": "/", "root_path": "", "headers": [], "query_string": b"", "method": "GET"})
+    sid = "a" * 32
+    for name, params in [("get_search", {"search_id": sid}), ("get_pareto", {"search_id": sid}),
+                         ("get_sensitivity", {"search_id": sid}), ("finetune", {"search_id": sid}),
+                         ("get_allocation", {"search_id": sid, "point": 3}), ("get_job", {"job_id": sid})]:
+        assert views.url_for(request, name, **params) == str(request.url_for(name, **params))
+    assert set(app.state.route_paths) >= {"get_search", "get_job", "get_allocation"}
+
+
 def test_results_are_stored_and_served(api, sf):
     client, a, _ = api
     acc = submit(client, a)

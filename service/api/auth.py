@@ -65,6 +65,13 @@ class KeyCache:
             self._entries[key_hash] = (tenant_id, time.monotonic() + self.ttl)
 
 
+def cached_tenant(key: str | None, cache: KeyCache) -> str | None:
+    """The tenant of a key verified within the cache's ttl, without touching the database; else None."""
+    if not key or cache.ttl <= 0:
+        return None
+    return cache.get(hash_key(key.strip()))
+
+
 def authenticate(sf: sessionmaker[Session], key: str | None, cache: KeyCache | None = None) -> str | None:
     """The tenant id of a valid key, else None."""
     if not key:

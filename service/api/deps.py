@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
@@ -20,22 +21,29 @@ from . import auth
 bearer = HTTPBearer(auto_error=False, description="An API key from `bitsearch keys create --tenant NAME`.")
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies below are `async def` on purpose: FastAPI runs a plain `def` dependency in the thread
+# pool, and a thread hop per dependency was most of a small request's CPU time.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_sf(request: Request) -> sessionmaker[Session]:
+async def get_sf(request: Request) -> sessionmaker[Session]:
     return request.app.state.sf
 
 
-def current_tenant(
+async def current_tenant(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(
             401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
         )
-    tenant = auth.authenticate(request.app.state.sf, creds.credentials, request.app.state.key_cache)
+    state = request.app.state
+    tenant = auth.cached_tenant(creds.credentials, state.key_cache)  # no I/O: stays on the event loop
+    if tenant is None:
+        tenant = await run_in_threadpool(auth.authenticate, state.sf, creds.credentials, state.key_cache)
     if tenant is None:
         raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant

@@ -61,12 +61,41 @@ def job_out(job: Job) -> JobOut:
     )
 
 
+def _route_paths(routes: Any) -> dict[str, str]:
+    """{route name: path template}, through included routers (all mounted without a prefix here); a name
+    not found falls back to Starlette's `url_for`."""
+    out: dict[str, str] = {}
+    for r in routes:
+        inner = getattr(r, "original_router", None)  # FastAPI keeps an included router whole
+        if inner is not None:
+            for k, v in _route_paths(inner.routes).items():
+                out.setdefault(k, v)
+        elif getattr(r, "name", None) and hasattr(r, "path_format"):
+            out.setdefault(r.name, r.path_format)
+    return out
+
+
+def url_for(request: Request, name: str, **params: Any) -> str:
+    """`request.url_for` for routes whose parameters are plain ids and numbers, from a per-app table of path
+    templates: Starlette's own walks every route on every call, a noticeable share of a status poll."""
+    paths = getattr(request.app.state, "route_paths", None)
+    if paths is None:
+        paths = request.app.state.route_paths = _route_paths(request.app.routes)
+    template = paths.get(name)
+    if template is None:
+        return str(request.url_for(name, **params))
+    base = request.scope.get("bitsearch.base_url")
+    if base is None:
+        base = request.scope["bitsearch.base_url"] = str(request.base_url).rstrip("/")
+    return base + template.format(**{k: str(v) for k, v in params.items()})
+
+
 def search_links(request: Request, search_id: str) -> dict[str, str]:
     return {
-        "self": str(request.url_for("get_search", search_id=search_id)),
-        "sensitivity": str(request.url_for("get_sensitivity", search_id=search_id)),
-        "pareto": str(request.url_for("get_pareto", search_id=search_id)),
-        "finetune": str(request.url_for("finetune", search_id=search_id)),
+        "self": url_for(request, "get_search", search_id=search_id),
+        "sensitivity": url_for(request, "get_sensitivity", search_id=search_id),
+        "pareto": url_for(request, "get_pareto", search_id=search_id),
+        "finetune": url_for(request, "finetune", search_id=search_id),
     }
 
 
@@ -112,7 +141,7 @@ def search_out(request: Request, view: SearchView) -> SearchOut:
                 "point": link.point_index,
                 "status": j.status.value,
                 "progress": j.progress,
-                "url": str(request.url_for("get_job", job_id=j.id)),
+                "url": url_for(request, "get_job", job_id=j.id),
             }
             for link, j in (view.finetunes or [])
         ],
@@ -122,7 +151,7 @@ def search_out(request: Request, view: SearchView) -> SearchOut:
 def point_out(request: Request, search_id: str, p: ParetoPoint) -> PointOut:
     url = None
     if p.allocation_id is not None:
-        url = str(request.url_for("get_allocation", search_id=search_id, point=p.index))
+        url = url_for(request, "get_allocation", search_id=search_id, point=p.index)
     extra: dict[str, Any] = {
         k: v
         for k, v in (p.data or {}).items()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import time
 from typing import Iterable
@@ -19,6 +20,16 @@ from ..settings import get_settings
 from .runner import execute, worker_name
 
 log = logging.getLogger("bitsearch.worker")
+
+
+def lower_priority(niceness: int) -> None:
+    """Run this worker process at a lower CPU priority: on a machine shared with the API, a training job
+    then takes the cores the API leaves idle instead of slowing every request down."""
+    if niceness > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(niceness)
+        except OSError:  # not permitted here: run at the normal priority
+            log.warning("could not lower the worker's priority by %d", niceness)
 
 
 def work_loop(queues: Iterable[str] | None = None, max_jobs: int | None = None, idle_exit: float | None = None,

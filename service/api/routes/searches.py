@@ -13,7 +13,7 @@ from db import jobs as job_repo
 from db import repo
 from db.models import JobStatus, new_id
 from quant.errors import BitsearchError
-from service.jobs.dispatch import submit_job
+from service.jobs.dispatch import queue_for, send, submit_job
 
 from .. import views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
@@ -71,6 +71,8 @@ def create_search(
     search_id = new_id()
     spec = build_spec(req, model, data, search_id=search_id, tenant_id=tenant)
     check_spec(spec)
+    queue = queue_for("search", settings)
+    new_job = repo.NewJob("search", spec, queue, settings.max_attempts)
     try:
         search, created = repo.create_search(
             sf,
@@ -82,6 +84,7 @@ def create_search(
             spec=spec,
             idempotency_key=idempotency_key,
             request_hash=_hash(req) if idempotency_key else None,
+            new_job=new_job,
         )
     except repo.IdempotencyConflict as exc:
         raise HTTPException(
@@ -92,16 +95,19 @@ def create_search(
     job_id = search.job_id
     if created:
         try:
-            job_id = _submit(sf, settings, tenant, search.id, spec)
-        except HTTPException:
+            send(job_id, queue, settings)  # with a broker; local workers find the committed row themselves
+        except Exception as exc:
+            job_repo.cancel(sf, job_id)  # never sent: no worker will ever take it
             repo.delete_search_row(sf, tenant, search.id)
-            raise
+            raise HTTPException(
+                503, f"could not queue the search ({type(exc).__name__}); try again"
+            ) from None
     else:
         response.headers["Idempotent-Replayed"] = "true"
         created_at = views._aware(search.created_at)
         if job_id is None and datetime.now(timezone.utc) - created_at > ORPHAN_AFTER:
             job_id = _submit(sf, settings, tenant, search.id, search.spec)
-    url = str(request.url_for("get_search", search_id=search.id))
+    url = views.url_for(request, "get_search", search_id=search.id)
     response.headers["Location"] = url
     status = "queued"
     if not created:
@@ -226,7 +232,7 @@ def finetune(
     except Exception as exc:
         raise HTTPException(503, f"could not queue fine-tuning ({type(exc).__name__}); try again") from None
     for j in jobs:
-        j["url"] = str(request.url_for("get_job", job_id=j["job_id"]))
+        j["url"] = views.url_for(request, "get_job", job_id=j["job_id"])
     return FinetuneAccepted(search_id=search_id, jobs=jobs)
 
 

@@ -1,0 +1,73 @@
+"""`bitsearch serve` as a process: several API processes on one port, and workers at a lower CPU priority."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from db.session import session_factory
+from service.api.auth import create_key
+
+BIN = Path(sys.executable).parent / "bitsearch"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_lower_their_priority():
+    code = (
+        "import os\n"
+        "from service.jobs.local import lower_priority\n"
+        "before = os.nice(0)\n"
+        "lower_priority(7)\n"
+        "print(os.nice(0) - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "7"
+
+
+def test_serve_with_two_api_processes(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+    env = {**os.environ, "BITSEARCH_DATA_DIR": str(tmp_path), "BITSEARCH_DATABASE_URL": db_url}
+    env.pop("BITSEARCH_BROKER_URL", None)
+    key, _ = create_key(session_factory(db_url), "two-processes")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(port), "--workers", "0", "--http-workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+        h = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base, timeout=30) as c:  # new connections spread over both processes
+            statuses = {httpx.get(f"{base}/searches", headers=h, timeout=30).status_code for _ in range(20)}
+            assert statuses == {200}
+            assert c.get("/searches", headers={"Authorization": "Bearer bsk_nope"}).status_code == 401
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2  # uvicorn's supervisor runs one child per API process
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
