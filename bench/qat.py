@@ -37,11 +37,13 @@ def step_timing(model, names, train, recipe: QATRecipe, rounds: int) -> dict[str
     trainer = QATTrainer(model, Allocation.uniform(names, "4/4"), train, recipe)
     trainer._train_mode()
     xb, yb = trainer._batch(0)
-    fp = copy.deepcopy(model).train()
+    fp = copy.deepcopy(model).to(trainer.device).train()
     opt = torch.optim.SGD(fp.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    cuda = trainer.device.type == "cuda"
 
     def fp_step():
-        loss = F.cross_entropy(fp(xb), yb)
+        with trainer._autocast():  # the same precision as the QAT step (bf16 autocast on CUDA)
+            loss = F.cross_entropy(fp(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -54,16 +56,25 @@ def step_timing(model, names, train, recipe: QATRecipe, rounds: int) -> dict[str
 
     for f in (fp_step, qat_step, fp_step, qat_step):  # warm-up (allocator, oneDNN primitives)
         f()
+    def timed(f) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        f()
+        if cuda:  # kernels run asynchronously: the step ends when the GPU is done
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     t_fp, t_q = [], []
     for _ in range(rounds):
-        t = time.perf_counter()
-        fp_step()
-        t_fp.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        qat_step()
-        t_q.append(time.perf_counter() - t)
+        t_fp.append(timed(fp_step))
+        t_q.append(timed(qat_step))
     f, q = statistics.median(t_fp), statistics.median(t_q)
     return {"fp32": f, "qat": q, "ratio": q / f}
+
+
+def gpu_name() -> str:
+    return f"GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
 
 
 def main() -> None:
@@ -80,9 +91,11 @@ def main() -> None:
     ap.add_argument("--pipeline-bits", default="4/4", help="the quantized options run in (b) (default 4/4)")
     ap.add_argument("--timing-rounds", type=int, default=8, help="interleaved FP32/QAT steps timed (0: skip)")
     ap.add_argument("--no-accuracy", action="store_true", help="only the step-time measurement")
-    ap.add_argument("--eval-items", type=int, default=None, help="score on the first N test images (default all)")
-    ap.add_argument("--train-items", type=int, default=None, help="train on the first N train images (default all)")
+    ap.add_argument("--eval-items", type=int, default=None, help="score on N test images drawn at random (default all)")
+    ap.add_argument("--train-items", type=int, default=None, help="train on N train images drawn at random (default all)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu (fp32), or cuda (bf16 autocast, as the trainer runs there)")
     ap.add_argument("--out", default="qat.md", help="file name under bench/results/")
     args = ap.parse_args()
 
@@ -90,19 +103,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     loaded = load_model("zoo:cifar-resnet20", RESNET20)
-    train = load_npz(CIFAR_TRAIN, loaded.normalisation, max_items=args.train_items)
-    test = load_npz(CIFAR_TEST, loaded.normalisation, max_items=args.eval_items)
+    # The shared files are sorted by class: a subset must be drawn at random, never the first N.
+    train = load_npz(CIFAR_TRAIN, loaded.normalisation)
+    test = load_npz(CIFAR_TEST, loaded.normalisation)
+    if args.train_items:
+        train = train.take(args.train_items, seed=0)
+    if args.eval_items:
+        test = test.take(args.eval_items, seed=1)
     calib = train.take(256, seed=0)
     names = [l.name for l in discover_layers(loaded.model, calib.x[:2])]
     recipe = QATRecipe(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, bn=args.bn,
-        device="cpu",
+        device=args.device,
     )
     command = "`.venv/bin/python bench/qat.py " + " ".join(sys.argv[1:]) + "`"
     lines = [
         "### QAT of ResNet-20 on CIFAR-10 (JPEG)",
         "",
-        f"Command: {command}. Machine: {machine()}.",
+        f"Command: {command}. Machine: {machine()}"
+        + (f", {gpu_name()}, bf16 autocast" if args.device == "cuda" else "") + ".",
         "",
     ]
 
@@ -112,7 +131,7 @@ def main() -> None:
               flush=True)
         lines += [
             f"**Step time** (batch {args.batch_size}, SGD, forward + backward + update, median of "
-            f"{args.timing_rounds} interleaved steps on CPU):",
+            f"{args.timing_rounds} interleaved steps on {gpu_name() if args.device == 'cuda' else 'CPU'}):",
             "",
             "| FP32 step | LSQ W4A4 step | ratio |",
             "|---:|---:|---:|",

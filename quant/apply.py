@@ -256,10 +256,11 @@ def collect_statistics(model: nn.Module, layers: dict[str, QuantizedLayer], data
         q.observing, q.stats = True, None
     n = 0
     was_training = model.training
+    device = next((p.device for p in model.parameters()), None)  # calibration data may live elsewhere
     model.eval()
     try:
         for xb in iter_batches(data, config.batch_size, config.calibration_samples):
-            model(xb)
+            model(xb if device is None else xb.to(device))
             n += xb.shape[0]
     finally:
         for q in layers.values():

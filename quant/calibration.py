@@ -155,7 +155,7 @@ def _aciq(x, q, ctx):
 @register_clip("auto")
 def _auto(x, q, ctx):
     candidates = [CLIP_METHODS[m](x, q, ctx) for m in ("minmax", "percentile", "mse", "aciq", "output_mse")]
-    best = torch.full((x.shape[0],), float("inf"))
+    best = torch.full((x.shape[0],), float("inf"), device=x.device)
     best_lo, best_hi = candidates[0]
     best_lo, best_hi = best_lo.clone(), best_hi.clone()
     for lo, hi in candidates:
@@ -277,8 +277,9 @@ def _expand_channels(layer: nn.Module, per_in_channel: torch.Tensor) -> torch.Te
     groups = getattr(layer, "groups", 1)
     rows, cin_g = w.shape[0], w.shape[1]
     out_per_group = rows // groups
-    group = torch.arange(rows) // out_per_group
-    chans = group[:, None] * cin_g + torch.arange(cin_g)[None, :]  # (rows, cin_g)
+    dev = per_in_channel.device
+    group = torch.arange(rows, device=dev) // out_per_group
+    chans = group[:, None] * cin_g + torch.arange(cin_g, device=dev)[None, :]  # (rows, cin_g)
     return per_in_channel[chans].repeat_interleave(k, dim=1)
 
 
@@ -287,6 +288,7 @@ def calibrate_activation(quantizer: Quantizer, stats: InputStats, method: str, p
     if quantizer.self_calibrating:
         return
     vals = stats.values()
-    vals = torch.cat([vals, torch.tensor([stats.min, stats.max])])  # keep the true extremes in the sample
+    extremes = torch.tensor([stats.min, stats.max], dtype=vals.dtype, device=vals.device)
+    vals = torch.cat([vals, extremes])  # keep the true extremes in the sample
     lo, hi = clip_range(method, vals[None, :], quantizer, ClipContext(percentile=percentile))
     quantizer.set_range(lo[0], hi[0])

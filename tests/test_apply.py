@@ -170,3 +170,23 @@ def test_bad_config_is_refused():
         QuantConfig(activation_clip="output_mse")
     with pytest.raises(BitsearchError):
         QuantConfig.from_dict({"weight_bits": 4})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("clip", ["minmax", "percentile", "mse", "aciq", "output_mse", "auto"])
+def test_a_model_on_cuda_quantizes_as_on_the_cpu(clip):
+    """On a GPU machine: calibration of a CUDA model from CPU data, with every clipping method and bias
+    correction, gives the CPU's quantized model (up to float rounding of the statistics)."""
+    torch.manual_seed(0)
+    m = Branchy().eval()
+    x = torch.randn(64, 3, 8, 8)
+    names = [l.name for l in discover_layers(m, x[:2])]
+    alloc = Allocation.uniform(names, "4/8")
+    act_clip = "mse" if clip in ("output_mse", "auto") else clip  # those two are for weights only
+    cfg = QuantConfig(weight_clip=clip, activation_clip=act_clip, bias_correction=True)
+    cpu = apply_allocation(m, alloc, x, cfg)
+    gpu = apply_allocation(m.cuda(), alloc, x, cfg)
+    with torch.no_grad():
+        ref, out = cpu(x), gpu(x.cuda()).cpu()
+    # a value at a rounding boundary may land on the neighbouring grid point on one device: compare means
+    assert (out - ref).abs().mean() <= 0.02 * ref.abs().mean()

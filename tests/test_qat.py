@@ -375,3 +375,18 @@ def test_strip_quantizers_gives_the_plain_fine_tuned_model(mlp, digits):
         assert torch.equal(plain(x), r.model(x))
         assert not torch.equal(plain(x), mlp.model(x))  # it did train
     assert [l.name for l in discover_layers(plain, mlp.example_input)] == list(uniform(mlp, "fp").layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_of_a_cpu_model_with_cpu_data(mlp, digits):
+    """On a GPU machine: a CPU model and CPU tensors train on CUDA (bf16 autocast), the result comes back on
+    the CPU, and a model already on CUDA calibrates from CPU data."""
+    r = finetune(mlp.model, uniform(mlp, "4/8"), digits.train, QATRecipe(steps=5, batch_size=32, device="cuda"),
+                 calibration=digits.calibration, eval_data=digits.test)
+    assert r.device.startswith("cuda") and 0 <= r.metrics["top1"] <= 100
+    assert all(p.device.type == "cpu" for p in r.model.parameters())
+    with torch.no_grad():
+        assert r.model(digits.test.x[:8]).shape[0] == 8
+    on_gpu = apply_allocation(strip_quantizers(r.model).cuda(), uniform(mlp, "4/8"), digits.calibration)
+    with torch.no_grad():
+        assert on_gpu(digits.test.x[:8].cuda()).device.type == "cuda"

@@ -349,6 +349,8 @@ class QATTrainer:
                 raise BitsearchError(f"a callback must have on_step(state) or be callable, got {type(cb).__name__}")
         self.callbacks = list(callbacks)
         self.device = _resolve_device(self.recipe.device)
+        # The fine-tuned model is handed back where the caller's model lives, whichever device trained it.
+        self.home_device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.amp = self.device.type == "cuda"
         self.config = QuantConfig(
             weight_quantizer="int_sym",
@@ -890,7 +892,7 @@ class QATTrainer:
                 self._save_checkpoint(seconds, train_seconds)
         finally:
             _set_rng_state(caller_rng)
-        self.model.eval()
+        self.model.eval().to(self.home_device)
         result = QATResult(
             metrics=metrics, steps=self.step, seconds=seconds, history=self.history, allocation=self.allocation,
             checkpoint=self.checkpoint_path, model=self.model, recipe=r, stopped=stopped,
