@@ -225,7 +225,9 @@ def test_dataset_uploads(api, settings):
         r = upload(client, h, "/datasets", b.getvalue(), "bad.npz")
         assert r.status_code == 422, (reason, r.text)
     for content in (b"not a zip", b""):
-        assert upload(client, h, "/datasets", content, "x.npz").status_code == 422
+        r = upload(client, h, "/datasets", content, "x.npz")
+        assert r.status_code == 422 and (not content or "'x.npz'" in r.json()["detail"]), r.text
+        assert ".incoming" not in r.text and str(settings.data_dir) not in r.text  # no server path leaks
     stored = settings.data_dir / "uploads" / tenant / "datasets" / f"{d['id']}.npz"
     assert stored.exists() and incoming_is_empty(settings, tenant)
     assert client.delete(f"/datasets/{d['id']}", headers=h).status_code == 204 and not stored.exists()

@@ -24,6 +24,8 @@ from .routes.health import Metrics, MetricsMiddleware
 log = logging.getLogger("bitsearch.api")
 
 MAX_JSON_BYTES = 8 * 1024**2
+# Uploads stream to disk under their own size limits (BITSEARCH_MAX_*_BYTES), the dashboard's as the API's.
+UPLOAD_PATHS = frozenset({"/models", "/datasets", "/ui/api/models", "/ui/api/datasets"})
 
 DESCRIPTION = """
 Find per-layer bit-widths for a neural network under hardware budgets.
@@ -48,7 +50,7 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
             path = scope.get("path", "")
-            if path not in ("/models", "/datasets"):
+            if path not in UPLOAD_PATHS:
                 for name, value in scope.get("headers") or []:
                     if name == b"content-length":
                         try:
@@ -77,6 +79,9 @@ def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | Non
     app.state.key_cache = auth.KeyCache(settings.api_key_cache_seconds)
     for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router, health.router):
         app.include_router(r)
+    from service.dashboard import router as dashboard_router  # pages under /ui/ (imports these routes)
+
+    app.include_router(dashboard_router)
 
     @app.exception_handler(BitsearchError)
     async def _user_error(request: Request, exc: BitsearchError) -> JSONResponse:

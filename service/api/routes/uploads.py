@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from contextlib import contextmanager
+from typing import Annotated, Iterator
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -10,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from db import repo
 from db.models import new_id
 from db.tables import StoredDataset, StoredModel
+from quant.errors import BitsearchError
 from zoo import uploads as up
 
 from .. import storage, views
@@ -78,7 +80,8 @@ async def upload_model(request: Request, tenant: TenantId, sf: SF, settings: Set
         if fmt == "pt2":
             if arch:
                 raise HTTPException(422, "a .pt2 archive carries its architecture; leave 'architecture' out")
-            info = await run_in_threadpool(up.inspect_exported_upload, received.path)
+            with _named_as_sent(received):
+                info = await run_in_threadpool(up.inspect_exported_upload, received.path)
         elif fmt == "safetensors":
             if not arch:
                 raise HTTPException(
@@ -86,7 +89,8 @@ async def upload_model(request: Request, tenant: TenantId, sf: SF, settings: Set
                     "safetensors weights need the zoo architecture they belong to: add the "
                     "form field architecture=zoo:NAME (see GET /zoo/models)",
                 )
-            info = await run_in_threadpool(up.inspect_safetensors_upload, received.path, arch)
+            with _named_as_sent(received):
+                info = await run_in_threadpool(up.inspect_safetensors_upload, received.path, arch)
             arch = info["architecture"]
         else:
             raise HTTPException(
@@ -141,7 +145,8 @@ async def upload_dataset(request: Request, tenant: TenantId, sf: SF, settings: S
                 "pickled data are refused (unpickling can run arbitrary code); save the "
                 "arrays with numpy.savez(path, x=..., y=...)",
             )
-        info = await run_in_threadpool(up.inspect_dataset_upload, received.path)
+        with _named_as_sent(received):
+            info = await run_in_threadpool(up.inspect_dataset_upload, received.path)
         row = _store(sf, settings, received, StoredDataset, tenant, "datasets", "npz", info=info)
     finally:
         received.discard()
@@ -163,6 +168,18 @@ def get_dataset(dataset_id: UploadId, tenant: TenantId, sf: SF) -> DatasetOut:
 def delete_dataset(dataset_id: UploadId, tenant: TenantId, sf: SF, settings: SettingsDep) -> Response:
     _delete_or_404(sf, settings, StoredDataset, tenant, dataset_id, "dataset")
     return Response(status_code=204)
+
+
+@contextmanager
+def _named_as_sent(received: storage.Received) -> Iterator[None]:
+    """A refusal names the file as the user sent it, never its temporary path on the server."""
+    try:
+        yield
+    except BitsearchError as exc:
+        message = str(exc)
+        for form in {str(received.path), str(received.path.resolve())}:
+            message = message.replace(form, repr(received.filename))
+        raise BitsearchError(message) from None
 
 
 def _store(sf, settings, received, table, tenant: str, folder: str, ext: str, **fields):
