@@ -190,3 +190,21 @@ def results_for(sf: sessionmaker[Session], job_id: str) -> list[Result]:
         for r in rows:
             s.expunge(r)
         return rows
+
+
+def busy_on_host(sf: sessionmaker[Session], worker_prefix: str, within: float) -> int:
+    """Running jobs whose worker id starts with `worker_prefix` and that beat within the last `within` s."""
+    cutoff = utcnow() - timedelta(seconds=within)
+    with sf() as s:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.status == JobStatus.running,
+                    Job.worker_id.startswith(worker_prefix, autoescape=True),
+                    Job.heartbeat_at > cutoff,
+                )
+            )
+            or 0
+        )

@@ -203,6 +203,24 @@ def worker(
     console.print(f"worker stopped after {n} job(s)")
 
 
+@app.command("worker-health")
+def worker_health(
+    queues: str = typer.Option("cpu,gpu", "--queues", help="The queues the worker on this host serves."),
+    within: float = typer.Option(60.0, "--within", min=1.0, help="Seconds a busy worker's heartbeat may be old."),
+    ping_timeout: float = typer.Option(5.0, "--ping-timeout", min=0.1, help="Seconds to wait for the ping."),
+) -> None:
+    """Exit 0 when this host's Celery worker answers a ping or runs a job with a recent heartbeat (container
+    health checks); else print why and exit 1."""
+    from service.jobs.celery_app import worker_is_healthy
+    from service.settings import get_settings
+
+    if not get_settings().broker_url:
+        raise BitsearchError("worker-health checks a Celery worker: set BITSEARCH_BROKER_URL")
+    ok, why = worker_is_healthy([q.strip() for q in queues.split(",") if q.strip()], within, ping_timeout)
+    console.print(why)
+    raise typer.Exit(0 if ok else 1)
+
+
 @app.command()
 def jobs(
     job_id: Optional[str] = typer.Argument(None, help="Show one job in full."),
@@ -407,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become a message on stderr and a non-zero exit."""
     warnings.simplefilter("ignore", UserWarning)  # zoo notes are printed as notes, not warnings
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here, not raising it
     except BitsearchError as exc:
         if _state["debug"]:
             raise
@@ -428,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

@@ -71,3 +71,38 @@ def test_serve_with_two_api_processes(tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_worker_health_for_container_checks(tmp_path, monkeypatch):
+    """`bitsearch worker-health`: 1 when no worker of this host answers and none runs a job, 0 while one of
+    its jobs has a recent heartbeat (a busy solo-pool worker answers no ping)."""
+    import socket
+    from datetime import timedelta
+
+    import pytest
+
+    from db import jobs as job_repo
+    from db.models import Job, JobStatus, utcnow
+    from service.cli import main
+    from service.settings import get_settings
+
+    redis = os.environ.get("BITSEARCH_TEST_REDIS_URL")
+    if not redis:
+        pytest.skip("BITSEARCH_TEST_REDIS_URL is not set")
+    db_url = f"sqlite:///{tmp_path / 'health.db'}"
+    monkeypatch.setenv("BITSEARCH_BROKER_URL", redis)
+    monkeypatch.setenv("BITSEARCH_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        sf = session_factory(db_url)
+        assert main(["worker-health", "--queues", "cpu", "--ping-timeout", "0.5"]) == 1
+        with sf.begin() as s:
+            s.add(Job(id="a" * 32, kind="search", spec={}, status=JobStatus.running, heartbeat_at=utcnow(),
+                      worker_id=f"celery:{socket.gethostname()}:1:abc"))
+        assert job_repo.busy_on_host(sf, f"celery:{socket.gethostname()}:", 60) == 1
+        assert main(["worker-health", "--queues", "cpu", "--ping-timeout", "0.5"]) == 0
+        with sf.begin() as s:  # the job's heartbeat goes stale: its worker is stuck or gone
+            s.get(Job, "a" * 32).heartbeat_at = utcnow() - timedelta(seconds=120)
+        assert main(["worker-health", "--queues", "cpu", "--ping-timeout", "0.5"]) == 1
+    finally:
+        get_settings.cache_clear()

@@ -84,13 +84,45 @@ def start_watchdog(interval: float) -> threading.Thread:
     return t
 
 
+def worker_node_name(queues: list[str], host: str = "%h") -> str:
+    return f"bitsearch-{'-'.join(queues)}@{host}"
+
+
+def worker_is_healthy(
+    queues: list[str], heartbeat_within: float = 60.0, ping_timeout: float = 5.0
+) -> tuple[bool, str]:
+    """Whether this host's Celery worker for `queues` is alive: it answers a ping, or, busy with a job (the
+    solo pool answers nothing until the job ends), that job's heartbeat is recent. For container health
+    checks (`bitsearch worker-health`)."""
+    import socket
+
+    from db import jobs as job_repo
+    from db.session import session_factory
+
+    settings = get_settings()
+    host = socket.gethostname()
+    node = worker_node_name(queues, host)
+    try:
+        replies = get_celery(settings.broker_url).control.ping(destination=[node], timeout=ping_timeout)
+    except Exception as exc:  # the broker is down: say so, then look at the jobs table
+        replies, why = [], f"broker unreachable ({type(exc).__name__})"
+    else:
+        why = "no answer to a ping"
+    if replies:
+        return True, f"{node} answered a ping"
+    busy = job_repo.busy_on_host(session_factory(settings.db_url), f"celery:{host}:", heartbeat_within)
+    if busy:
+        return True, f"{node} is running {busy} job(s) with a heartbeat in the last {heartbeat_within:.0f} s"
+    return False, f"{node}: {why}, and no running job of this host with a recent heartbeat"
+
+
 def run_worker(queues: list[str], concurrency: int = 1) -> None:
     settings = get_settings()
     app = get_celery(settings.broker_url)
     start_watchdog(max(1.0, settings.stale_after / 2))
     app.worker_main([
         "worker", "-Q", ",".join(queues), "--pool", "solo" if concurrency == 1 else "prefork",
-        "-c", str(concurrency), "--loglevel", "INFO", "-n", f"bitsearch-{'-'.join(queues)}@%h",
+        "-c", str(concurrency), "--loglevel", "INFO", "-n", worker_node_name(queues),
     ])
 
 
