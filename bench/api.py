@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -66,9 +67,11 @@ def _register_cpu_kind() -> None:
 def worker_main(db_url: str) -> None:
     """The bench's worker process: the service's kinds plus "bench-cpu"."""
     from service.api import search_job  # noqa: F401
-    from service.jobs.local import work_loop
+    from service.jobs.local import lower_priority, work_loop
+    from service.settings import get_settings
 
     _register_cpu_kind()
+    lower_priority(get_settings().worker_nice)  # as `bitsearch serve` and `bitsearch worker` do
     work_loop(db_url=db_url)
 
 
@@ -103,33 +106,63 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def load(
-    url: str, method: str, headers: dict, body: dict | None, clients: int, total: int, seconds: float
+    url: str,
+    method: str,
+    headers: dict,
+    body: dict | None,
+    clients: int,
+    total: int,
+    seconds: float,
+    rate: float | None = None,
 ) -> dict:
-    """`clients` concurrent clients (one httpx.AsyncClient each, keep-alive) share `total` requests."""
+    """`clients` concurrent clients (one aiohttp session and keep-alive connection each) share `total`
+    requests.
+
+    rate None: closed loop, each client sends its next request as soon as the last one answered (the
+    service's saturation throughput; by Little's law its mean latency is then clients / throughput).
+    rate R: the clients together send R requests/s on a fixed schedule (each client every clients/R s), and a
+    request's latency counts from its scheduled time, so a slow answer also charges the requests it
+    delayed (no coordinated omission)."""
+    import aiohttp
+
     latencies: list[float] = []
     errors: dict[int, int] = {}
     remaining = [total]
-    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    deadline = start + seconds
+    data = json.dumps(body).encode() if body is not None else None
+    hdrs = {**headers, **({"Content-Type": "application/json"} if data is not None else {})}
 
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=60.0, headers=headers) as c:
+    async def client(i: int) -> None:
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn, headers=hdrs) as c:
+            n = 0
             while remaining[0] > 0 and time.perf_counter() < deadline:
                 remaining[0] -= 1
-                t0 = time.perf_counter()
-                r = await c.request(method, url, json=body)
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code >= 300:
-                    errors[r.status_code] = errors.get(r.status_code, 0) + 1
+                if rate:
+                    due = start + (i + n * clients) / rate  # client i's n-th slot, clients spread evenly
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                else:
+                    due = time.perf_counter()
+                n += 1
+                async with c.request(method, url, data=data) as r:
+                    await r.read()
+                    status = r.status
+                latencies.append(time.perf_counter() - due)
+                if status >= 300:
+                    errors[status] = errors.get(status, 0) + 1
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - t0
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - start
     return {
         "n": len(latencies),
         "wall": wall,
         "rps": len(latencies) / wall,
         "p50": percentile(latencies, 50) * 1e3,
         "p99": percentile(latencies, 99) * 1e3,
+        "max": max(latencies) * 1e3 if latencies else float("nan"),
         "errors": errors,
     }
 
@@ -150,6 +183,14 @@ def main() -> None:
     ap.add_argument("--get-requests", type=int, default=3000)
     ap.add_argument("--post-requests", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=60.0, help="Upper bound on each measured phase.")
+    ap.add_argument(
+        "--rates",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[100.0, 200.0, 400.0],
+        help="Offered loads (requests/s, all clients together) of the paced phases; '' for none.",
+    )
+    ap.add_argument("--paced-seconds", type=float, default=10.0, help="Length of each paced phase.")
+    ap.add_argument("--http-workers", type=int, default=1, help="`bitsearch serve --http-workers`.")
     ap.add_argument("--database-url", default=None, help="PostgreSQL URL (default: SQLite in a temp dir).")
     ap.add_argument("--keep", action="store_true", help="Keep the temporary data dir.")
     args = ap.parse_args()
@@ -160,6 +201,7 @@ def main() -> None:
     from service.settings import Settings
 
     data_dir = Path(tempfile.mkdtemp(prefix="bitsearch-bench-api-"))
+    worker_nice = Settings(data_dir=data_dir).worker_nice
     env = {**os.environ, "BITSEARCH_DATA_DIR": str(data_dir), "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("BITSEARCH_BROKER_URL", None)
     if args.database_url:
@@ -182,6 +224,8 @@ def main() -> None:
             str(port),
             "--workers",
             "0",
+            "--http-workers",
+            str(args.http_workers),
         ],
         cwd=ROOT,
         env=env,
@@ -234,33 +278,15 @@ def main() -> None:
         )
 
         def phases(label: str) -> None:
-            results.append(
-                (
-                    label,
-                    "`GET /searches/{id}`",
-                    asyncio.run(
-                        load(first["url"], "GET", h, None, args.clients, args.get_requests, args.seconds)
-                    ),
-                )
-            )
-            results.append(
-                (
-                    label,
-                    "`POST /search` (202)",
-                    asyncio.run(
-                        load(
-                            f"{base}/search",
-                            "POST",
-                            h,
-                            POSTED,
-                            args.clients,
-                            args.post_requests,
-                            args.seconds,
-                        )
-                    ),
-                )
-            )
-            drop_queued_searches()  # the accepted searches are not run: they would load the worker
+            for name, url, method, body, total in (
+                ("`GET /searches/{id}`", first["url"], "GET", None, args.get_requests),
+                ("`POST /search` (202)", f"{base}/search", "POST", POSTED, args.post_requests),
+            ):
+                for rate in [None, *args.rates]:
+                    n = total if rate is None else int(rate * args.paced_seconds)
+                    r = asyncio.run(load(url, method, h, body, args.clients, n, args.seconds, rate))
+                    results.append((label, name, "saturation" if rate is None else f"{rate:g}/s", r))
+                    drop_queued_searches()  # the accepted searches are not run: they would load the worker
 
         # 1. idle: the worker is paused, so nothing but the API runs
         os.kill(worker.pid, signal.SIGSTOP)
@@ -272,9 +298,9 @@ def main() -> None:
         # 2. while a fine-tuning job (or a CPU-bound stand-in) runs in the worker
         background = None
         if state == "succeeded":
-            r = http.post(
-                f"/searches/{first['id']}/finetune", json={"recipe": {"epochs": 200, "lr": 1e-4}}, headers=h
-            )
+            # far more steps than the measurements last: the job runs throughout, then it is cancelled
+            recipe = {"steps": 1_000_000, "lr": 1e-4, "eval_every": 0}
+            r = http.post(f"/searches/{first['id']}/finetune", json={"recipe": recipe}, headers=h)
             if r.status_code == 202:
                 job_id = r.json()["jobs"][0]["job_id"]
                 time.sleep(5)
@@ -317,32 +343,35 @@ def main() -> None:
 
     db = "PostgreSQL" if args.database_url else "SQLite (WAL)"
     cmd = "python bench/api.py " + " ".join(sys.argv[1:])
+    procs = "one process" if args.http_workers == 1 else f"{args.http_workers} processes"
     lines = [
         "# REST API under load",
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine()}; load average {load_before[0]:.1f} before and {load_after[0]:.1f} after the "
-        "run "
-        "(the machine is shared).  ",
-        f"Server: `bitsearch serve --workers 0` (uvicorn, one process) and one local worker process, {db}, "
-        f"127.0.0.1; {args.clients} concurrent httpx clients (one AsyncClient each) on the same machine.  ",
-        f"Background job: {what}; it was {job_after.status.value} at the end "
-        f"({job_after.progress * 100:.0f} %). "
-        "Idle: the worker process paused.",
+        "run (the machine may be shared).  ",
+        f"Server: `bitsearch serve --workers 0 --http-workers {args.http_workers}` (uvicorn, {procs}) and one "
+        f"local worker process (niceness {worker_nice}), {db}, 127.0.0.1; {args.clients} concurrent clients "
+        "(aiohttp, one keep-alive connection each) in one process on the same machine.  ",
+        f"Background job: {what}; it was {job_after.status.value} at the end of the measurements "
+        f"({job_after.progress * 100:.1f} % done; cancelled then). Idle: the worker process paused.  ",
+        "Load: *saturation* = closed loop, each client sends its next request when the last one answered "
+        "(mean latency = clients / throughput); *N/s* = the clients together offer N requests/s on a fixed "
+        "schedule, latency counted from each request's scheduled time.",
         "",
-        "| endpoint | worker | requests | seconds | requests/s | p50 ms | p99 ms | non-2xx |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| endpoint | worker | load | requests | seconds | requests/s | p50 ms | p99 ms | max ms | non-2xx |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for label, name, r in results:
+    for label, name, mode, r in results:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
         lines.append(
-            f"| {name} | {label} | {r['n']} | {r['wall']:.1f} | {r['rps']:.0f} | {r['p50']:.1f} | "
-            f"{r['p99']:.1f} | {errs} |"
+            f"| {name} | {label} | {mode} | {r['n']} | {r['wall']:.1f} | {r['rps']:.0f} | {r['p50']:.1f} | "
+            f"{r['p99']:.1f} | {r['max']:.1f} | {errs} |"
         )
     lines += [
         "",
-        "Each accepted `POST /search` is a search row, a queued job and its link (three write "
-        "transactions); the accepted searches were cancelled, not run.",
+        "Each accepted `POST /search` is one write transaction (the search row, its queued job and their "
+        "link); the accepted searches were cancelled, not run.",
         "",
     ]
     text = "\n".join(lines)

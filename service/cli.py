@@ -405,9 +405,11 @@ def serve(
     signal.signal(signal.SIGTERM, _terminated)
     try:
         if http_workers == 1:
-            uvicorn.run(create_app(settings, sf), host=host, port=port, access_log=access_log, log_level="info")
+            api = create_app(settings, sf)
+            api.state.freeze_gc = True  # see served_app
+            uvicorn.run(api, host=host, port=port, access_log=access_log, log_level="info")
         else:  # each process builds its own app from the same BITSEARCH_* environment (migrated above)
-            uvicorn.run("service.api.app:create_app", factory=True, workers=http_workers, host=host,
+            uvicorn.run("service.api.app:served_app", factory=True, workers=http_workers, host=host,
                         port=port, access_log=access_log, log_level="info")
     finally:
         if scheduler is not None:

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_model_bytes: int = 512 * 1024**2  # largest model upload (.pt2 / safetensors)
     max_dataset_bytes: int = 2 * 1024**3  # largest .npz upload
     scheduler_interval: float = 15.0  # how often the in-process scheduler checks cron schedules
+    api_threads: int = Field(8, ge=1, le=256)  # threads that run the API's blocking work (database, files)
     api_torch_threads: int = 1  # torch threads in the API process (upload validation); jobs run in workers
     api_key_cache_seconds: float = 10.0  # a verified API key is trusted this long without a lookup (0: never)
 

@@ -106,3 +106,27 @@ def test_worker_health_for_container_checks(tmp_path, monkeypatch):
         assert main(["worker-health", "--queues", "cpu", "--ping-timeout", "0.5"]) == 1
     finally:
         get_settings.cache_clear()
+
+
+def test_a_server_process_freezes_its_start_up_objects(tmp_path, monkeypatch):
+    """`bitsearch serve`'s app exempts start-up objects from garbage collection once it serves (full
+    collections over them stalled every request); apps made for tests do not."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app, served_app
+    from service.settings import Settings, get_settings
+
+    monkeypatch.setenv("BITSEARCH_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("BITSEARCH_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(Settings(data_dir=tmp_path))) as c:
+            assert c.get("/healthz").status_code == 200 and gc.get_freeze_count() == 0
+        with TestClient(served_app()) as c:
+            assert c.get("/healthz").status_code == 200 and gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+        get_settings.cache_clear()
