@@ -191,6 +191,7 @@ def main() -> None:
     )
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="Length of each paced phase.")
     ap.add_argument("--http-workers", type=int, default=1, help="`bitsearch serve --http-workers`.")
+    ap.add_argument("--out", default="api.md", help="file name under bench/results/")
     ap.add_argument("--database-url", default=None, help="PostgreSQL URL (default: SQLite in a temp dir).")
     ap.add_argument("--keep", action="store_true", help="Keep the temporary data dir.")
     args = ap.parse_args()
@@ -376,7 +377,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    print(f"wrote {write_result('api.md', text)}")
+    print(f"wrote {write_result(args.out, text)}")
 
 
 if __name__ == "__main__":
