@@ -8,7 +8,7 @@
 * checks of the reference: the exact Hessian block of `linear` (closed form through the penultimate
   features, torch.func.hessian) and long per-layer Hutchinson runs on a few layers (± 1 standard error).
 
-Data: the first 200 images of train.npz with their labels; loss: mean cross-entropy. Seconds are wall clock
+Data: 200 images of train.npz drawn at random (seed 0) with their labels; loss: mean cross-entropy. Seconds are wall clock
 on this machine; the load can vary between phases, so each phase also reports its time in units of one
 forward+backward pass over the 200 images measured right before it ("fb units").
 
@@ -149,7 +149,8 @@ def main() -> None:
 
     lm = load_model("zoo:cifar-resnet20", weights=RESNET20)
     model = lm.model.eval()
-    ds = load_npz(CIFAR_TRAIN, IMAGENET_NORMALISATION, max_items=args.samples)
+    # train.npz is sorted by class: a seeded random sample, not the first images (all of one class)
+    ds = load_npz(CIFAR_TRAIN, IMAGENET_NORMALISATION).take(args.samples, seed=0)
     x, y = ds.x, ds.y
     layers = discover_layers(model, x[:2])
     named = dict(model.named_modules())
@@ -299,7 +300,8 @@ def report(c, names, args) -> str:
         f"Machine: {c['machine']}. The machine was shared with other jobs (load 4-9 on 2 cores), so the",
         "comparison uses **CPU seconds** of the benchmark process (one torch thread: CPU time ≈ work); wall",
         "seconds are given too. *fb* = CPU seconds of one forward+backward pass over the 200 images.",
-        f"Data: the first {args.samples} images of train.npz with their labels; loss: mean cross-entropy.",
+        f"Data: {args.samples} images of train.npz drawn at random (seed 0) with their labels; loss: mean "
+        "cross-entropy.",
         "Reference: the exact Gauss-Newton trace, which equals the Hessian block trace for this",
         "piecewise-linear network (see the checks below).",
         "",
