@@ -337,6 +337,7 @@ def _demo(sf: Any, host: str, port: int) -> None:
     print(f"curl -s -X POST {url}/search -H 'Authorization: Bearer {key}' "
           f"-H 'Content-Type: application/json' -d '{body}'")
     console.print("then poll the 'url' it returns, and read <url>/pareto once its status is 'succeeded'.")
+    console.print(f"dashboard: {url}/ (log in with the key above)")
     sys.stdout.flush()
 
 

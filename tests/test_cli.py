@@ -43,3 +43,17 @@ def test_user_errors_are_messages_not_tracebacks(args, message, capsys):
 def test_missing_option_is_a_usage_error(capsys):
     assert main(["ptq"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_serve_demo_prints_a_working_key_a_curl_example_and_the_dashboard(tmp_path, capsys):
+    from db.session import session_factory
+    from service.api.auth import authenticate
+    from service.cli import _demo
+
+    sf = session_factory(f"sqlite:///{tmp_path / 'demo.db'}")
+    _demo(sf, "0.0.0.0", 8123)
+    out = capsys.readouterr().out
+    key = next(line for line in out.splitlines() if line.startswith("bsk_"))
+    assert authenticate(sf, key) is not None
+    assert f"curl -s -X POST http://127.0.0.1:8123/search -H 'Authorization: Bearer {key}'" in out
+    assert "dashboard: http://127.0.0.1:8123/" in out
