@@ -22,7 +22,6 @@ X_METRICS: dict[str, tuple[str, float]] = {
     "bops": ("BOPs", 1.0),
     "latency": ("latency (ms)", 1e3),
 }
-SHARE_METRICS = ("weight_memory", "avg_weight_bits", "bops", "latency")
 ACTIVE = ("queued", "running")
 
 
@@ -169,7 +168,7 @@ def layer_costs(
                 n for n in names if n not in cost.layer_names
             ]
             per_layer = {n: cost.layer_metrics(n, alloc[n]) for n in names if n in cost.layer_names}
-            for metric in SHARE_METRICS:
+            for metric in X_METRICS:
                 total = sum(m.get(metric, 0.0) for m in per_layer.values())
                 if total > 0 and all(metric in m for m in per_layer.values()):
                     shares[metric] = {n: m[metric] / total for n, m in per_layer.items()}

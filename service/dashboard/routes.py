@@ -227,10 +227,15 @@ def _upload_names(sf, tenant: str) -> tuple[list[Any], list[Any]]:
     return models, datasets
 
 
-def _search_rows(request: Request, sf, viewer: Viewer, offset: int) -> dict[str, Any]:
+def _search_rows(request: Request, sf, viewer: Viewer, offset: int, uploads=None) -> dict[str, Any]:
+    """The searches table; uploaded models and data sets show by name (`uploads`: the tenant's lists when
+    the caller has them; read only when a row refers to an upload, not on every poll)."""
     page = search_routes.list_searches(request, viewer.tenant_id, sf, limit=PAGE_SIZE, offset=offset)
-    models, datasets = _upload_names(sf, viewer.tenant_id)
-    names = {m.id: m.name for m in models} | {d.id: d.name for d in datasets}
+    names: dict[str, str] = {}
+    refs = {r for s in page.items for r in (s.model, s.data) if r is not None and not r.startswith("zoo:")}
+    if refs:
+        models, datasets = uploads or _upload_names(sf, viewer.tenant_id)
+        names = {m.id: m.name for m in models} | {d.id: d.name for d in datasets}
     rows = [
         {
             "id": s.id,
@@ -273,7 +278,8 @@ def searches_page(
         "solvers": sorted(SOLVERS),
         "defaults": SearchRequest(model="zoo:digits-cnn"),
     }
-    ctx = page_context(sf, viewer, "searches", form=form, **_search_rows(request, sf, viewer, offset))
+    rows = _search_rows(request, sf, viewer, offset, (models, datasets))
+    ctx = page_context(sf, viewer, "searches", form=form, **rows)
     return render(request, "searches.html", ctx)
 
 

@@ -19,16 +19,17 @@ log = logging.getLogger("bitsearch.dispatch")
 def submit_job(sf: sessionmaker[Session], kind: str, spec: dict[str, Any], queue: str | None = None,
                settings: Settings | None = None, schedule_id: str | None = None) -> Job:
     settings = settings or get_settings()
-    queue = queue or queue_for(kind, settings)
+    queue = queue_for(kind, settings, queue)
     job = repo.submit(sf, kind, spec, queue, settings.max_attempts, schedule_id)
     send(job.id, queue, settings)
     return job
 
 
-def queue_for(kind: str, settings: Settings) -> str:
-    """The queue a job of `kind` goes to; unknown kinds are refused before anything is stored."""
+def queue_for(kind: str, settings: Settings, queue: str | None = None) -> str:
+    """The queue a job of `kind` goes to (`queue` when given); unknown kinds are refused before anything is
+    stored."""
     get_kind(kind)
-    return settings.qat_queue if kind == "qat" else "cpu"
+    return queue or (settings.qat_queue if kind == "qat" else "cpu")
 
 
 def send(job_id: str, queue: str, settings: Settings | None = None) -> None:
