@@ -378,3 +378,18 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     result = SearchResult.load(tmp_path / "search.json")
     assert result.recommendation.index == scope["best"].index
     assert scope["qmodel"](scope["data"].x[:2]).shape == (2, 10)
+
+
+def test_sensitivity_and_finetune_from_python(trained):
+    from quant import Allocation, LayerBits
+
+    model, sp = trained
+    table = bitsearch.sensitivity(model, (sp.test.x.numpy(), sp.test.y.numpy()), method="fisher",
+                                  weight_bits=[2, 8], samples=32)
+    assert table.method == "fisher" and table.layer_names == ["conv", "fc1", "fc2"]
+    assert table.data["samples"] == 32
+    alloc = Allocation({n: LayerBits(4, 32) for n in table.layer_names}, model="module:TinyNet")
+    res = bitsearch.finetune(model, alloc, (sp.train.x, sp.train.y), recipe={"steps": 3, "batch_size": 32})
+    assert res.steps == 3 and res.metrics["top1"] is not None
+    with pytest.raises(BitsearchError, match="no labels"):
+        bitsearch.finetune(model, alloc, sp.train.x, recipe={"steps": 1})
