@@ -20,7 +20,7 @@ from bitsearch.spec import SearchSpec
 from db import repo
 from db.models import new_id
 from quant.errors import BitsearchError
-from service.jobs.kinds import JobCancelled, JobContext, JobOutput, register_kind
+from service.jobs.kinds import JobCancelled, JobContext, JobOutput
 
 from .schemas import SearchRequest
 
@@ -110,7 +110,6 @@ def _search_for(sf, spec: Mapping[str, Any], job_id: str) -> str | None:
     return search.id
 
 
-@register_kind("search")
 def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     from db.session import session_factory
     from service.settings import get_settings
