@@ -393,3 +393,48 @@ def test_sensitivity_and_finetune_from_python(trained):
     assert res.steps == 3 and res.metrics["top1"] is not None
     with pytest.raises(BitsearchError, match="no labels"):
         bitsearch.finetune(model, alloc, sp.train.x, recipe={"steps": 1})
+
+
+def test_a_batch_of_fine_tunes_is_all_or_nothing(api, monkeypatch):
+    """The service layer queues a batch in one transaction; when the broker fails half-way, none of it stays
+    queued, so a retry queues each point exactly once."""
+    from service import searches as service
+    from service.api.search_job import persist_outcome
+    from tests.test_api import fake_outcome, finish_job
+
+    client, h, sf = api
+    acc = client.post("/search", json={"model": "zoo:digits-mlp", "data": "zoo:digits"}, headers=h).json()
+    persist_outcome(sf, acc["id"], fake_outcome())
+    finish_job(sf, acc["job_id"])
+    real_send, calls = service.send, []
+
+    def flaky(job_id, queue, settings=None):
+        calls.append(job_id)
+        if len(calls) == 2:
+            raise ConnectionError("broker gone")
+        return real_send(job_id, queue, settings)
+
+    monkeypatch.setattr(service, "send", flaky)
+    r = client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 1, 2]}, headers=h)
+    assert r.status_code == 503 and "try again" in r.json()["detail"]
+    qat = [j for j in job_repo.list_jobs(sf, kind="qat")]
+    assert len(qat) == 3 and all(j.status == JobStatus.cancelled for j in qat)
+    monkeypatch.setattr(service, "send", real_send)
+    r = client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 1, 2]}, headers=h)
+    assert r.status_code == 202
+    queued = [j for j in job_repo.list_jobs(sf, kind="qat") if j.status == JobStatus.queued]
+    assert sorted(j.id for j in queued) == sorted(j["job_id"] for j in r.json()["jobs"])
+    assert client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 9]}, headers=h).status_code == 422
+    assert len(job_repo.list_jobs(sf, kind="qat")) == 6  # a refused batch adds nothing
+
+
+def test_a_schedule_is_stored_with_its_owner_at_once(api):
+    from db.models import Schedule
+
+    client, h, sf = api
+    r = client.post("/schedules", json={"name": "nightly", "cron": "0 3 * * *", "enabled": False,
+                                        "spec": {"model": "zoo:digits-mlp"}}, headers=h)
+    assert r.status_code == 201, r.text
+    with sf() as s:
+        (row,) = s.query(Schedule).all()
+        assert row.tenant_id is not None and row.enabled is False
