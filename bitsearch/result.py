@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from quant.allocation import Allocation
 from quant.errors import BitsearchError
 from search.pareto import ParetoFront, ParetoPoint
-from search.problem import Budget
+from search.budgets import Budget
 from sensitivity.table import SensitivityTable
 
 from .spec import SearchSpec
