@@ -95,9 +95,33 @@ def job_spec(sf, settings: Settings, tenant_id: str, body, search_id: str | None
     model = resolve_model(sf, settings, tenant_id, body.model)
     data = resolve_data(sf, settings, tenant_id, body.data)["data"]
     roles = {r: resolve_data(sf, settings, tenant_id, src)["data"] for r, src in body.roles.sources().items()}
+    check_label_range(sf, tenant_id, body.model, [body.data, *body.roles.sources().values()])
     spec = build_spec(body, model, data, roles, search_id=search_id, tenant_id=tenant_id)
     check_spec(spec)
     return spec
+
+
+def check_label_range(sf, tenant_id: str, model_ref: str, data_refs: list[str | None]) -> None:
+    """Uploaded data sets whose labels reach beyond the model's classes are refused before anything runs."""
+    if model_ref.startswith("zoo:"):
+        from zoo.models import get_model_spec
+
+        classes = get_model_spec(model_ref).num_classes
+    else:
+        row = repo.get_upload(sf, StoredModel, tenant_id, model_ref)
+        classes = (row.info or {}).get("num_classes") if row is not None else None
+    if not isinstance(classes, int):
+        return
+    for ref in data_refs:
+        if ref is None or ref == "none" or ref.startswith("zoo:"):
+            continue
+        row = repo.get_upload(sf, StoredDataset, tenant_id, ref)
+        labels = (row.info or {}).get("classes") if row is not None else None
+        if isinstance(labels, int) and labels > classes:
+            raise BitsearchError(
+                f"data set {ref} has labels up to {labels - 1}, but the model has {classes} classes "
+                f"(0..{classes - 1})"
+            )
 
 
 def _hash(body: dict) -> str:
