@@ -446,3 +446,13 @@ def test_a_schedule_is_stored_with_its_owner_at_once(api):
     with sf() as s:
         (row,) = s.query(Schedule).all()
         assert row.tenant_id is not None and row.enabled is False
+
+
+def test_an_exported_program_is_a_model_too(trained):
+    model, sp = trained
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (sp.test.x[:2],), dynamic_shapes=({0: batch},))
+    r = bitsearch.search(ep, sp.test, method="fisher", pareto=1, measure=False, options={"weight_bits": [4, 8]},
+                         sensitivity={"samples": 16}, calib_size=16)
+    assert r.table.layer_names == ["conv", "fc1", "fc2"] and r.recommendations == [] and r.points
+    assert r.data["calibration"]["size"] == 16 and r.data["selection"]["source"] == sp.test.name
