@@ -40,6 +40,16 @@ class Unavailable(BitsearchError):
     status = 503
 
 
+class InvalidSpec(BitsearchError):
+    """A stored spec that does not validate; `detail` lists the errors as the API reports them."""
+
+    status = 422
+
+    def __init__(self, detail: list[dict[str, Any]]):
+        super().__init__("; ".join(str(e["msg"]) for e in detail))
+        self.detail = detail
+
+
 # --- references to stored files ---------------------------------------------------------------------------
 
 
@@ -234,12 +244,44 @@ def delete_search(sf, tenant_id: str, search_id: str) -> None:
 # --- schedules ------------------------------------------------------------------------------------------------
 
 
-def add_schedule(sf, settings: Settings, tenant_id: str, name: str, cron: str, kind: str, spec: dict[str, Any],
+def _validated(model, spec: dict[str, Any]):
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidSpec(
+            [{"loc": ["body", "spec", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        ) from None
+
+
+def schedule_spec(sf, settings: Settings, tenant_id: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The job spec a schedule stores: a checked search spec (kind "search", `request` a SearchRequest) or a
+    uniform PTQ (kind "ptq", a PTQRequest)."""
+    from service.api.schemas import PTQRequest, SearchRequest
+
+    if kind == "search":
+        return job_spec(sf, settings, tenant_id, _validated(SearchRequest, request), None)
+    req = _validated(PTQRequest, request)
+    model = resolve_model(sf, settings, tenant_id, req.model)
+    return {
+        "model": model["model"],
+        "weights": model["weights"],
+        "data": resolve_data(sf, settings, tenant_id, req.data)["data"],
+        "bits": req.bits,
+        "calib_size": req.calib_size,
+        "limit": req.eval_limit,
+        "_request": req.model_dump(mode="json"),
+    }
+
+
+def add_schedule(sf, settings: Settings, tenant_id: str, name: str, cron: str, kind: str, request: dict[str, Any],
                  enabled: bool = True) -> Schedule:
     """A schedule with its owner and state, inserted at once (never enabled and owner-less, even briefly)."""
     from service.schedules import check_cron
 
     queue_for(kind, settings)
+    spec = schedule_spec(sf, settings, tenant_id, kind, request)
     if not name.strip():
         raise BitsearchError("a schedule needs a name")
     with transaction(sf, write=True) as s:
