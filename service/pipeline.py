@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers
+from quant import Allocation, LayerBits, QuantConfig, apply_allocation, default_tie_groups, discover_layers
 from quant.cost import CostModel
 from quant.errors import BitsearchError
 from quant.layers import LayerInfo
@@ -238,6 +238,8 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
     progress(0.5, "solving")
     cost = CostModel(table.layers, s.latency_table, weight_granularity=config.weight_granularity)
     constraints = Constraints.from_dict(s.constraints)
+    if "ties" not in s.constraints:  # fused projections (q/k/v, gate/up) share an option unless told otherwise
+        constraints.ties = default_tie_groups(table.layers)
     if s.keep_first_last:
         constraints.pin_first = constraints.pin_first or LayerBits(8, 8)
         constraints.pin_last = constraints.pin_last or LayerBits(8, 8)

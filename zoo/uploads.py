@@ -745,8 +745,13 @@ def load_exported_model(
 
 
 def load_any_model(ref: str, weights: str | Path | None = None) -> LoadedModel:
-    """`zoo.load_model` for ``zoo:`` references, `load_exported_model` for a path to a ``.pt2`` file."""
+    """`zoo.load_model` for ``zoo:`` references, `load_exported_model` for a path to a ``.pt2`` file,
+    `zoo.hf.load_hf_model` for ``hf:DIR`` (a local Hugging Face model directory)."""
     text = str(ref)
+    if text.startswith("hf:"):
+        from .hf import load_hf_model
+
+        return load_hf_model(text, weights)
     if not text.startswith("zoo:") and text.endswith(".pt2"):
         if weights is not None:
             raise BitsearchError("an exported (.pt2) model carries its own weights; do not give weights")
