@@ -131,9 +131,12 @@ def search(
     front = out["front"]
     m = front["metric"]
     ref = front.get("reference") or {}
+    lm = ref.get("perplexity") is not None  # a language model: perplexity where classifiers show top-1
+    score, score_col = ("perplexity", "perplexity") if lm else ("top1", "top-1 %")
     t = Table(title=f"Pareto front of {model}: {method} + {solver}, cost axis {m}"
-                    + (f" (FP32 top-1 {ref['top1']:.2f} %)" if ref.get("top1") is not None else ""))
-    for col in ("kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", "top-1 %", "KL"):
+                    + (f" (FP32 {score_col.split()[0]} {ref[score]:.2f}{'' if lm else ' %'})"
+                       if ref.get(score) is not None else ""))
+    for col in ("kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", score_col, "KL"):
         t.add_column(col, justify="left" if col in ("kind", "allocation") else "right")
     pts = sorted(front["points"] + front["uniform"], key=lambda p: (p["metrics"][m], p["kind"]))
     for p in pts:
@@ -141,7 +144,7 @@ def search(
         alloc = p["label"] or "mixed " + "/".join(f"W{w}" for w in sorted({w for w, _ in bits}))
         t.add_row(p["kind"], alloc, format_value(m, p["metrics"][m]),
                   fmt_bytes(p["metrics"]["weight_memory"] / 8), f"{p['metrics']['bops'] / 1e9:.3f}",
-                  f"{p['predicted']:.4g}", fmt_num(p["measured"].get("top1")), fmt_num(p["measured"].get("kl"), ".4f"))
+                  f"{p['predicted']:.4g}", fmt_num(p["measured"].get(score)), fmt_num(p["measured"].get("kl"), ".4f"))
     console.print(t)
     recs = out["recommendations"]
     if recs:
@@ -149,7 +152,8 @@ def search(
         p = r["point"]
         console.print(
             f"recommended{' for ' + ', '.join(budget) if r['budget'] == 'requested' else ''}: {p['kind']} "
-            f"{p['label'] or ''} at {format_value(m, p['metrics'][m])}, top-1 {fmt_num(p['measured'].get('top1'))} %"
+            f"{p['label'] or ''} at {format_value(m, p['metrics'][m])}, {score_col.split()[0]} "
+            f"{fmt_num(p['measured'].get(score))}{'' if lm else ' %'}"
         )
         if allocation_out is not None:
             from quant import Allocation

@@ -306,3 +306,27 @@ def test_user_ties_override_the_defaults():
     default = AllocationProblem(table, cost, [], Constraints(ties=default_tie_groups(table.layers)))
     none = AllocationProblem(table, cost, [], Constraints.from_dict({"ties": []}))
     assert len(default.groups) == 8 - 2 - 1 and len(none.groups) == 8
+
+
+def test_cli_search_on_hf_dir_with_token_npz(hf_dir, tmp_path, capsys):
+    import json
+
+    from service.cli import main
+
+    data = tmp_path / "tokens.npz"
+    ids = np.random.default_rng(0).integers(0, 64, size=(24, 12), dtype=np.int32)
+    np.savez(data, x=ids, attention_mask=np.ones_like(ids))
+    out = tmp_path / "search.json"
+    code = main([
+        "search", "--model", f"hf:{hf_dir}", "--data", str(data), "--method", "fisher", "--weight-bits", "2,8",
+        "--samples", "8", "--pareto", "3", "--budget", "avg_weight_bits=5", "--json", str(out),
+    ])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert "perplexity" in text.out
+    result = json.loads(out.read_text())
+    assert result["front"]["reference"]["tokens"] == 16 * 11  # 24 sequences, 8 held out for calibration
+    rec = next(r for r in result["recommendations"] if r["budget"] == "requested")
+    assert rec["point"]["metrics"]["avg_weight_bits"] <= 5.0
+    assert main(["search", "--model", f"hf:{hf_dir}", "--weights", str(data)]) == 2
+    assert "carries its own weights" in capsys.readouterr().err
