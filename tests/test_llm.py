@@ -330,3 +330,87 @@ def test_cli_search_on_hf_dir_with_token_npz(hf_dir, tmp_path, capsys):
     assert rec["point"]["metrics"]["avg_weight_bits"] <= 5.0
     assert main(["search", "--model", f"hf:{hf_dir}", "--weights", str(data)]) == 2
     assert "carries its own weights" in capsys.readouterr().err
+
+
+# --- zipped Hugging Face directories (uploads) --------------------------------------------------------------
+
+
+def zip_dir(folder, extra=None, top="tiny/") -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, top + f.name)
+        for name, content in (extra or {}).items():
+            z.writestr(name, content)
+    return buf.getvalue()
+
+
+def test_hf_zip_upload_roundtrip(hf_dir, tmp_path):
+    from zoo.hf_upload import inspect_hf_zip_upload
+    from zoo.uploads import sniff_model_format
+
+    path = tmp_path / "m.zip"
+    path.write_bytes(zip_dir(hf_dir))
+    assert sniff_model_format(path) == "hf-zip"
+    info = inspect_hf_zip_upload(path)
+    assert info["format"] == "hf-zip" and info["architecture"] == "hf:llama" and info["layer_count"] == 8
+    loaded = load_any_model(str(path))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), load_hf_model(hf_dir).model(ids))
+    assert load_any_model(str(path)).source == loaded.source  # unpacked once, reused
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"tiny/pytorch_model.bin": b"\x80\x04K\x01."}, "pickle"),
+        ({"tiny/modeling_x.py": b"import os"}, "Python code"),
+        ({"tiny/../evil.json": b"{}"}, "directly in the model folder"),
+        ({"tiny/sub/a.safetensors": b"x"}, "directly in the model folder"),
+        ({"tiny/notes.exe": b"MZ"}, "not part of a safetensors model directory"),
+    ],
+)
+def test_hf_zip_refusals(hf_dir, tmp_path, extra, message):
+    from zoo.hf_upload import unpack_hf_zip
+
+    path = tmp_path / "m.zip"
+    path.write_bytes(zip_dir(hf_dir, extra))
+    with pytest.raises(BitsearchError, match=message):
+        unpack_hf_zip(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_zip_and_token_data_through_the_api(hf_dir, tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.auth import create_key
+    from service.settings import Settings
+    from tests.helpers import make_sf
+
+    settings = Settings(data_dir=tmp_path / "data", max_model_bytes=4 * 1024**2, max_dataset_bytes=1024**2)
+    sf = make_sf("sqlite", tmp_path)
+    key, _ = create_key(sf, "lm")
+    h = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings, sf)) as client:
+        r = client.post("/models", files={"file": ("tiny.zip", zip_dir(hf_dir))}, headers=h)
+        assert r.status_code == 201, r.text
+        m = r.json()
+        assert m["format"] == "hf-zip" and m["info"]["layer_count"] == 8
+        buf = io.BytesIO()
+        np.savez(buf, x=np.random.default_rng(0).integers(0, 64, (20, 10)).astype(np.int32))
+        r = client.post("/datasets", files={"file": ("tokens.npz", buf.getvalue())}, headers=h)
+        assert r.status_code == 201, r.text
+        d = r.json()
+        assert d["info"]["item_shape"] == [10] and d["info"]["labels"] is True
+        r = client.post("/search", json={"model": m["id"], "data": d["id"]}, headers=h)
+        assert r.status_code == 202, r.text
+        bad = zip_dir(hf_dir, {"tiny/pytorch_model.bin": b"\x80\x04K\x01."})
+        r = client.post("/models", files={"file": ("bad.zip", bad)}, headers=h)
+        assert r.status_code == 422 and "pickle" in r.json()["detail"], r.text

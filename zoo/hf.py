@@ -183,6 +183,7 @@ def load_hf_causal_lm(path: str | Path, trust_remote_code: bool = False) -> nn.M
     p = Path(path).expanduser()
     check_hf_dir(p)
     transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()
     with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -76,7 +76,7 @@ def train_lm(model: nn.Module, recipe: LMRecipe) -> dict[str, str]:
 
     stream = byte_stream(TRAIN_MODULES)
     was_training = model.training
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         gen = torch.Generator().manual_seed(recipe.seed)
@@ -107,7 +107,7 @@ def train_lm(model: nn.Module, recipe: LMRecipe) -> dict[str, str]:
             opt.step()
             sched.step()
             loss_val = loss.item()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     test = stdlib_text_splits(seed=0).test
     assert test is not None
@@ -122,6 +122,7 @@ def train_lm(model: nn.Module, recipe: LMRecipe) -> dict[str, str]:
         ),
         "seed": str(recipe.seed),
         "train_seconds": f"{seconds:.1f}",
+        "train_cpu_seconds": f"{cpu_seconds:.1f}",  # all threads; wall time on a busy machine says little
         "threads": str(torch.get_num_threads()),
         "final_train_loss": f"{loss_val:.4f}",
         "heldout_perplexity": f"{res.perplexity:.4f}",
