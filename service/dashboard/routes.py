@@ -30,6 +30,7 @@ from service.api.routes import schedules as schedule_routes
 from service.api.routes import searches as search_routes
 from service.api.routes import uploads as upload_routes
 from service.api.routes import zoo as zoo_routes
+from service import searches as search_service
 from service.api.schemas import METRICS, FinetuneRequest, JobOut, ScheduleIn, SearchRequest
 
 from . import data
@@ -275,7 +276,8 @@ def searches_page(
         "datasets": datasets,
         "metrics": METRICS,
         "methods": sorted(METHODS),
-        "solvers": sorted(SOLVERS),
+        # solvers a search spec can run (bayes and qbitopt need a scorer or a trainer from Python)
+        "solvers": sorted(n for n in SOLVERS if not SOLVERS.capabilities(n).needs_scorer),
         "defaults": SearchRequest(model="zoo:digits-cnn"),
     }
     rows = _search_rows(request, sf, viewer, offset, (models, datasets))
@@ -289,6 +291,14 @@ def search_rows(
 ) -> HTMLResponse:
     """The searches table's body alone, for the page's live updates."""
     return render(request, "_search_rows.html", _search_rows(request, sf, viewer, offset))
+
+
+def _stored_spec(stored: dict[str, Any] | None) -> SearchRequest | None:
+    """The typed request a search was stored with (None for a row the current schema no longer reads)."""
+    try:
+        return SearchRequest.model_validate(stored or {})
+    except ValueError:
+        return None
 
 
 def _search_state(request: Request, sf, viewer: Viewer, search_id: str) -> dict[str, Any]:
@@ -305,6 +315,7 @@ def _search_state(request: Request, sf, viewer: Viewer, search_id: str) -> dict[
     return {
         "search": search,
         "spec_request": view.search.request or {},
+        "spec": _stored_spec(view.search.request),
         "jobs": jobs,
         "active": any(j.status in data.ACTIVE for _, _, j in jobs) or view.job is None,
         # the page redraws its charts when this changes (the search or a fine-tuning finished)
@@ -394,10 +405,11 @@ def start_search(
     sf: SF,
     settings: SettingsDep,
 ) -> JSONResponse:
-    accepted = search_routes.create_search(
-        body, request, response, viewer.tenant_id, sf, settings, idempotency_key=None
-    )
-    return api_json({**accepted.model_dump(), "page": f"/ui/searches/{accepted.id}"}, 202)
+    with views.http_errors():
+        done = search_service.submit_search(sf, settings, viewer.tenant_id, body)
+    return api_json({"id": done.search_id, "status": done.status, "job_id": done.job_id,
+                     "url": views.url_for(request, "get_search", search_id=done.search_id),
+                     "page": f"/ui/searches/{done.search_id}"}, 202)
 
 
 @router.post("/ui/api/searches/{search_id}/finetune", status_code=202)
@@ -409,8 +421,13 @@ def start_finetune(
     sf: SF,
     settings: SettingsDep,
 ) -> JSONResponse:
-    accepted = search_routes.finetune(search_id, body, request, viewer.tenant_id, sf, settings)
-    return api_json(accepted, 202)
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        jobs = search_service.finetune(sf, settings, viewer.tenant_id, search_id, body.points,
+                                       body.recipe.model_dump(mode="json"))
+    for j in jobs:
+        j["url"] = views.url_for(request, "get_job", job_id=j["job_id"])
+    return api_json({"search_id": search_id, "jobs": jobs}, 202)
 
 
 @router.post("/ui/api/jobs/{job_id}/cancel")

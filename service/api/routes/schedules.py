@@ -8,12 +8,11 @@ from fastapi import APIRouter, HTTPException, Path, Response
 from pydantic import ValidationError
 
 from db import repo
-from service.schedules import create_schedule
+from service import searches as service
 
 from .. import views
-from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
+from ..deps import SF, Limit, Offset, SettingsDep, TenantId
 from ..schemas import Page, PTQRequest, ScheduleIn, ScheduleOut, SearchRequest
-from ..search_job import build_spec, check_spec
 
 router = APIRouter(tags=["schedules"])
 ScheduleId = Annotated[str, Path(max_length=64)]
@@ -34,14 +33,11 @@ def add_schedule(body: ScheduleIn, tenant: TenantId, sf: SF, settings: SettingsD
     """Run a search (`kind: search`, `spec`: a SearchRequest) or a PTQ (`kind: ptq`) at each cron tick."""
     if body.kind == "search":
         req = _validated(SearchRequest, body.spec)
-        model = resolve_model(sf, settings, tenant, req.model)
-        data = resolve_data(sf, settings, tenant, req.data)
-        spec = build_spec(req.model_dump(mode="json"), model, data, search_id=None, tenant_id=tenant)
-        check_spec(spec)
+        spec = service.job_spec(sf, settings, tenant, req, None)
     else:
         req = _validated(PTQRequest, body.spec)
-        model = resolve_model(sf, settings, tenant, req.model)
-        data = resolve_data(sf, settings, tenant, req.data)
+        model = service.resolve_model(sf, settings, tenant, req.model)
+        data = service.resolve_data(sf, settings, tenant, req.data)
         spec = {
             "model": model["model"],
             "weights": model["weights"],
@@ -51,8 +47,7 @@ def add_schedule(body: ScheduleIn, tenant: TenantId, sf: SF, settings: SettingsD
             "limit": req.eval_limit,
             "_request": req.model_dump(mode="json"),
         }
-    sched = create_schedule(sf, body.name, body.cron, body.kind, spec)
-    repo.set_schedule_owner(sf, sched.id, tenant, body.enabled)
+    sched = service.add_schedule(sf, settings, tenant, body.name, body.cron, body.kind, spec, body.enabled)
     return views.schedule_out(repo.get_schedule(sf, tenant, sched.id))
 
 
