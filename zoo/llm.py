@@ -131,7 +131,7 @@ def train_lm(model: nn.Module, recipe: LMRecipe) -> dict[str, str]:
     }
 
 
-TINY_LLAMA = LlamaShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352)
+TINY_LLAMA = LlamaShape(hidden=96, layers=4, heads=4, kv_heads=2, intermediate=256)
 TINY_LLAMA_MINI = LlamaShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
 
 
@@ -143,8 +143,8 @@ register_model(
     ModelSpec(
         name="tiny-llama",
         description=(
-            "byte-level Llama (transformers LlamaForCausalLM: 4 layers, width 128, GQA 4/2 heads, SwiGLU 352, "
-            "tied embeddings, 0.77 M parameters) trained by the zoo on first use on Python standard-library "
+            "byte-level Llama (transformers LlamaForCausalLM: 4 layers, width 96, GQA 4/2 heads, SwiGLU 256, "
+            "tied embeddings, 0.43 M parameters) trained by the zoo on first use on Python standard-library "
             "source (a few minutes on 2 cores)"
         ),
         input_shape=(SEQ_LEN,),
@@ -152,7 +152,8 @@ register_model(
         normalisation=None,
         builder=TINY_LLAMA.build,
         dataset="zoo:stdlib-text",
-        trainer=LMRecipe(steps=1200, batch_size=16, lr=3e-3),
+        trainer=LMRecipe(steps=800, batch_size=16, lr=3e-3),
+        version=2,
         example_input=_example,
     )
 )
