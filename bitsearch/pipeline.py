@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from quant import Allocation, QuantConfig
+from quant import Allocation, QuantConfig, default_tie_groups
 from quant.cost import CostModel
 from quant.errors import BitsearchError
 
@@ -103,6 +103,8 @@ def run_search(
         progress(0.5, "solving")
         cost = CostModel(table.layers, s.latency_table, weight_granularity=config.weight_granularity)
         constraints = s.options.constraints()
+        if s.options.ties is None:  # fused projections (q/k/v, gate/up) share an option unless told otherwise
+            constraints.ties = default_tie_groups(table.layers)
         check_layer_names(constraints, [l.name for l in table.layers])
         problem = AllocationProblem(table, cost, budgets, constraints)
         metric = s.pareto_metric or (budgets[0].metric if budgets else "avg_weight_bits")

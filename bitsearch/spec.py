@@ -165,8 +165,10 @@ class SearchOptions(Strict):
     pin_first: str | None = Field(None, description="Pin the first layer, e.g. '8/8'.", max_length=16)
     pin_last: str | None = Field(None, description="Pin the last layer, e.g. '8/8'.", max_length=16)
     keep_first_last: bool = Field(False, description="Pin the first and last layer at 8/8 (unless pinned).")
-    ties: list[list[str]] = Field(
-        default_factory=list, max_length=10000, description="Groups of layers that must take the same option."
+    ties: list[list[str]] | None = Field(
+        None, max_length=10000,
+        description="Groups of layers that must take the same option. None (default): a transformer's fused "
+                    "projections (q/k/v, gate/up) are tied, other models have no ties; [] ties nothing.",
     )
 
     @field_validator("weight_bits", "activation_bits")
@@ -196,8 +198,8 @@ class SearchOptions(Strict):
 
     @field_validator("ties")
     @classmethod
-    def _ties(cls, v: list[list[str]]) -> list[list[str]]:
-        for group in v:
+    def _ties(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        for group in v or []:
             if not group or len(group) > 10000 or any(not n or len(n) > 300 for n in group):
                 raise ValueError("each tie group needs 1 or more layer names of 1-300 characters")
         return v
@@ -211,7 +213,7 @@ class SearchOptions(Strict):
         last = LayerBits.parse(self.pin_last) if self.pin_last else (eight if self.keep_first_last else None)
         return Constraints(
             pinned={k: LayerBits.parse(b) for k, b in self.pins.items()},
-            ties=[tuple(g) for g in self.ties],
+            ties=[tuple(g) for g in self.ties or []],
             pin_first=first,
             pin_last=last,
         )

@@ -3,7 +3,7 @@
 from .allocation import Allocation, LayerBits
 from .apply import QuantConfig, QuantizedLayer, apply_allocation, quantized_layers, set_allocation
 from .errors import BitsearchError
-from .layers import LayerInfo, discover_layers
+from .layers import LayerInfo, default_tie_groups, discover_layers
 from .quantizers import QUANTIZERS, Quantizer, make_quantizer, register_quantizer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "QuantizedLayer",
     "Quantizer",
     "apply_allocation",
+    "default_tie_groups",
     "discover_layers",
     "make_quantizer",
     "quantized_layers",

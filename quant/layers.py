@@ -43,6 +43,9 @@ class LayerInfo:
     # channels for ConvTranspose, whose weight is (C_in, C_out/groups, k, k).
     out_channels: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # stride, padding, groups...
+    # Other parameters that are this layer's weight tensor (a tied embedding, e.g. "model.embed_tokens.weight"):
+    # the tensor is stored, counted and quantized once, as this layer.
+    tied_with: tuple[str, ...] = ()
 
     @property
     def input_numel(self) -> int:
@@ -62,6 +65,7 @@ class LayerInfo:
         d["weight_shape"] = list(self.weight_shape)
         d["input_shape"] = list(self.input_shape)
         d["output_shape"] = list(self.output_shape)
+        d["tied_with"] = list(self.tied_with)
         return d
 
     @classmethod
@@ -69,6 +73,7 @@ class LayerInfo:
         d = dict(d)
         for k in ("weight_shape", "input_shape", "output_shape"):
             d[k] = tuple(d[k])
+        d["tied_with"] = tuple(d.get("tied_with", ()))
         return cls(**d)
 
 
@@ -171,4 +176,41 @@ def discover_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         model.train(was_training)
     if not order:
         raise BitsearchError("no quantizable layer ran in the forward pass on the example input")
+    _mark_tied_weights(model, found)
     return [found[n] for n in order]
+
+
+def _mark_tied_weights(model: nn.Module, found: dict[str, LayerInfo]) -> None:
+    """Fill `tied_with`: every other name under which a layer's weight tensor is a parameter."""
+    names_of: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            names_of.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    for name, info in found.items():
+        w = model.get_submodule(name).weight
+        own = f"{name}.weight"
+        info.tied_with = tuple(sorted({n for n in names_of.get(id(w), []) if n != own}))
+
+
+#: Sibling layers that runtimes fuse into one matrix product (one input, one format), as ModelOpt and
+#: AutoRound do: attention q/k/v projections, the MLP's gate and up projections (Hugging Face decoder names).
+TIE_PATTERNS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+
+def default_tie_groups(layers: list[LayerInfo]) -> list[tuple[str, ...]]:
+    """Default tie groups of a transformer's layers: siblings (same parent module) named as in
+    `TIE_PATTERNS`, two or more of them present. Empty for models without such layers (CNNs)."""
+    children: dict[str, dict[str, str]] = {}
+    for info in layers:
+        parent, _, leaf = info.name.rpartition(".")
+        children.setdefault(parent, {})[leaf] = info.name
+    groups = []
+    for leaves in children.values():
+        for pattern in TIE_PATTERNS:
+            members = tuple(leaves[p] for p in pattern if p in leaves)
+            if len(members) >= 2:
+                groups.append(members)
+    return groups

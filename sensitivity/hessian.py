@@ -101,8 +101,12 @@ NOT_PIECEWISE_LINEAR = (
     nn.Tanh, nn.Sigmoid, nn.LogSigmoid, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.Hardswish, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.LayerNorm,
     nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    nn.MultiheadAttention, nn.RNNBase, nn.Bilinear, nn.GLU,
+    nn.MultiheadAttention, nn.RNNBase, nn.Bilinear, nn.GLU, nn.RMSNorm,
 )  # fmt: skip
+
+#: Class-name endings of transformer blocks (any library): softmax attention and normalisation layers make the
+#: output non-linear in the weights before them, so the Gauss-Newton block is not the Hessian block there.
+TRANSFORMER_BLOCKS = ("Attention", "SdpaAttention", "RMSNorm", "LayerNorm", "Norm")
 
 
 def gn_structure_check(
@@ -119,6 +123,13 @@ def gn_structure_check(
     shared = [n for n, c in calls.items() if c > 1]
     if shared:
         return False, [], f"layers run more than once per forward (weights shared): {shared[:3]}"
+    blocks = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__name__.endswith(TRANSFORMER_BLOCKS)]
+    if blocks:  # e.g. Hugging Face LlamaAttention, LlamaRMSNorm
+        kinds = sorted({k for _, k in blocks})
+        return False, [], (
+            f"attention or normalisation modules ({', '.join(kinds)}; first {blocks[0][0]!r}) make the output "
+            "non-linear in the weights: the Gauss-Newton block is not the Hessian block"
+        )
     unverified: set[str] = set()
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:

@@ -62,11 +62,24 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def per_sample_metric(logits: torch.Tensor, ref_logits: torch.Tensor, y: torch.Tensor | None, metric: str):
-    """Per-sample cross-entropy (metric 'loss') or KL(ref ‖ logits) (metric 'kl'), float64, shape (N,)."""
+    """Per-sample cross-entropy (metric 'loss') or KL(ref ‖ logits) (metric 'kl'), float64, shape (N,).
+
+    Sequence outputs (N, classes, T), e.g. a language model's next-token logits, give each sample's mean over
+    its positions, leaving out targets equal to -100 (padding, F.cross_entropy's ignore_index).
+    """
+    if logits.dim() > 2:
+        tok = lambda t: t.double().movedim(1, -1).reshape(-1, t.shape[1])  # noqa: E731
+        n = logits.shape[0]
+        per_token = per_sample_metric(tok(logits), tok(ref_logits), None if y is None else y.reshape(-1), metric)
+        per_token = per_token.reshape(n, -1)
+        if y is None:
+            return per_token.mean(1)
+        valid = (y.reshape(n, -1) != -100).double()
+        return (per_token * valid).sum(1) / valid.sum(1).clamp(min=1.0)
     logits = logits.double().reshape(-1, logits.shape[-1])
     if metric == "loss":
         assert y is not None
-        return F.cross_entropy(logits, y.reshape(-1), reduction="none")
+        return F.cross_entropy(logits, y.reshape(-1), reduction="none")  # 0 where y is -100
     log_p = F.log_softmax(ref_logits.double().reshape(-1, logits.shape[-1]), dim=1)
     log_q = F.log_softmax(logits, dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(1).clamp(min=0.0)

@@ -178,9 +178,11 @@ def search(
     front = result.front
     m = front.metric
     ref = front.reference or {}
+    lm = ref.get("perplexity") is not None  # a language model: perplexity where classifiers show top-1
+    score, unit = ("perplexity", "") if lm else ("top1", " %")
     t = Table(title=f"Pareto front of {model}: {spec.sensitivity.method} + {spec.solver.name}, cost axis {m}"
-                    + (f" (FP32 top-1 {ref['top1']:.2f} %)" if ref.get("top1") is not None else ""))
-    for col in ("#", "kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", "top-1 %", "KL"):
+                    + (f" (FP32 {score} {ref[score]:.2f}{unit})" if ref.get(score) is not None else ""))
+    for col in ("#", "kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", score + unit, "KL"):
         t.add_column(col, justify="left" if col in ("kind", "allocation") else "right")
     order = sorted(range(len(result.points)), key=lambda i: (result.points[i].metrics[m], result.points[i].kind))
     for i in order:
@@ -188,7 +190,7 @@ def search(
         wbits = sorted({b.weight_bits for b in p.allocation.layers.values()})
         alloc = p.label or "mixed " + "/".join(f"W{w}" for w in wbits)
         t.add_row(str(i), p.kind, alloc, format_value(m, p.metrics[m]), fmt_bytes(p.metrics["weight_memory"] / 8),
-                  f"{p.metrics['bops'] / 1e9:.3f}", f"{p.predicted:.4g}", fmt_num(p.measured.get("top1")),
+                  f"{p.metrics['bops'] / 1e9:.3f}", f"{p.predicted:.4g}", fmt_num(p.measured.get(score)),
                   fmt_num(p.measured.get("kl"), ".4f"))
     console.print(t)
     rec = result.recommendation
@@ -197,8 +199,8 @@ def search(
         report = rec.report or {}
         console.print(
             f"recommended{' for ' + ', '.join(budget) if rec.requested else ''}: point {rec.index}, {p.kind} "
-            f"{p.label or ''} at {format_value(m, p.metrics[m])}, top-1 {fmt_num(p.measured.get('top1'))} % "
-            f"(selection data), {fmt_num(report.get('top1'))} % on the held-out report data"
+            f"{p.label or ''} at {format_value(m, p.metrics[m])}, {score} {fmt_num(p.measured.get(score))}{unit} "
+            f"(selection data), {fmt_num(report.get(score))}{unit} on the held-out report data"
         )
         if allocation_out is not None:
             rec.allocation.save(allocation_out)

@@ -68,7 +68,7 @@ def resolve_model(sf, settings: Settings, tenant_id: str, ref: str) -> dict[str,
     if row is None:
         raise BitsearchError(f"unknown model {ref!r}: give zoo:NAME or the id of one of your uploaded models")
     path = str(abs_path(settings, row.path))
-    if row.format == "pt2":
+    if row.format in ("pt2", "hf-zip"):  # the file is the whole model
         return {"model": path, "weights": None}
     return {"model": row.architecture, "weights": path}
 

@@ -18,6 +18,7 @@ from .data import (
 from .evaluate import EvalResult, evaluate, predict
 from .models import LoadedModel, ModelSpec, get_model_spec, list_models, load_model, register_model
 from .paths import data_dir
+from . import tokens, llm  # noqa: E402,F401  (register zoo:stdlib-text, zoo:tiny-llama)
 
 __all__ = [
     "DIGITS_NORMALISATION",

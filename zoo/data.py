@@ -30,7 +30,10 @@ IMAGENET_NORMALISATION: Normalisation = ((0.485, 0.456, 0.406), (0.229, 0.224, 0
 
 @dataclass
 class ArrayDataset:
-    """Inputs (N×C×H×W or N×F float32, preprocessed) and optional int64 labels."""
+    """Inputs (N×C×H×W or N×F float32, preprocessed) and optional int64 labels.
+
+    Token data (see `zoo.tokens`) have int64 ids N×T in `x` and next-token targets N×(T-1) in `y`.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None = None
@@ -40,8 +43,8 @@ class ArrayDataset:
         if not torch.is_tensor(self.x) or self.x.dim() < 2:
             raise ValueError("ArrayDataset.x must be a tensor with a leading batch dimension")
         if self.y is not None:
-            if not torch.is_tensor(self.y) or self.y.dim() != 1 or len(self.y) != len(self.x):
-                raise ValueError("ArrayDataset.y must be a 1-D tensor with one label per item of x")
+            if not torch.is_tensor(self.y) or self.y.dim() < 1 or len(self.y) != len(self.x):
+                raise ValueError("ArrayDataset.y must be a tensor with one label (row) per item of x")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -267,7 +270,8 @@ def load_npz(
     `x` as uint8 is images, N×H×W×C (C = 1, 3, 4) or N×H×W: scaled to [0, 1], made N×C×H×W, then normalised
     per channel with `normalisation = (mean, std)` when given. `x` as float is taken as already preprocessed
     (N×C×H×W or N×F) and `normalisation` is ignored for it. `y`, when present, is 1-D integer class indices.
-    `max_items` keeps only the first items (cheap previews of big files).
+    `x` as another integer dtype (int16/32/64, uint16/32) is token ids, N×T, with an optional
+    `attention_mask` (see `zoo.tokens`). `max_items` keeps only the first items (cheap previews of big files).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -290,10 +294,17 @@ def load_npz(
                 )
             x = _read_array(npz, "x", p)
             y = _read_array(npz, "y", p) if "y" in keys else None
+            mask = _read_array(npz, "attention_mask", p) if "attention_mask" in keys else None
     except BitsearchError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise BitsearchError(f"cannot read {p} as an .npz archive: {exc}") from exc
+    if x.dtype.kind in "iu" and x.dtype != np.uint8:  # token ids (uint8 stays images)
+        from .tokens import load_token_npz
+
+        if y is not None:
+            raise BitsearchError(f"{p} holds token ids: its targets are the next tokens of x; drop 'y'")
+        return load_token_npz(x, mask, p, max_items)
     _validate_x(x, p)
     n = len(x)
     labels = _validate_y(y, n, p) if y is not None else None

@@ -93,7 +93,14 @@ def evaluate(
     """Top-1 and loss (when `data` has labels) and fidelity to `reference_logits` (when given).
 
     Pass `result.logits` of the FP32 model as `reference_logits` when evaluating its quantized versions.
+    Token data (integer ids, see `zoo.tokens`) go to `zoo.lm_eval.evaluate_tokens` (perplexity, per-token KL).
     """
+    from .tokens import is_token_data
+
+    if is_token_data(data):
+        from .lm_eval import evaluate_tokens
+
+        return evaluate_tokens(model, data, reference_logits)
     logits = predict(model, data, batch_size)
     result = EvalResult(n=len(logits), logits=logits)
     if data.y is not None:

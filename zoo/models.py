@@ -47,6 +47,7 @@ class ModelSpec:
     dataset: str | None = None  # the zoo data reference the model is meant for, e.g. "zoo:digits"
     trainer: Callable[[nn.Module], dict[str, str]] | None = None  # trains in place, returns provenance
     version: int = 1  # part of the cache file name: bump it when the architecture or training changes
+    example_input: Callable[[], torch.Tensor] | None = None  # default: randn of (2, *input_shape)
 
     @property
     def ref(self) -> str:
@@ -389,7 +390,9 @@ def load_model(ref: str, weights: str | Path | None = None) -> LoadedModel:
     for note in notes:
         warnings.warn(note, stacklevel=2)
     model.eval()
-    example = torch.randn((2, *spec.input_shape), generator=torch.Generator().manual_seed(0))
+    example = spec.example_input() if spec.example_input is not None else (
+        torch.randn((2, *spec.input_shape), generator=torch.Generator().manual_seed(0))
+    )
     return LoadedModel(
         name=spec.name,
         model=model,

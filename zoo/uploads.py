@@ -165,7 +165,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def sniff_model_format(path: str | Path) -> str:
-    """``pt2``, ``safetensors``, ``pickle`` (a torch.save file or a raw pickle) or ``unknown``, by content."""
+    """``pt2``, ``safetensors``, ``hf-zip``, ``pickle`` (a torch.save file or a raw pickle) or ``unknown``, by
+    content."""
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(16)
@@ -184,6 +185,10 @@ def sniff_model_format(path: str | Path) -> str:
             return "pt2"
         if any(n.endswith(".pkl") for n in names):
             return "pickle"  # torch.save's zip format: data.pkl inside
+        from .hf_upload import is_hf_zip
+
+        if is_hf_zip(names):
+            return "hf-zip"  # a zipped Hugging Face model directory (zoo.hf_upload checks its entries)
         return "unknown"
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
@@ -745,8 +750,17 @@ def load_exported_model(
 
 
 def load_any_model(ref: str, weights: str | Path | None = None) -> LoadedModel:
-    """`zoo.load_model` for ``zoo:`` references, `load_exported_model` for a path to a ``.pt2`` file."""
+    """`zoo.load_model` for ``zoo:`` references, `load_exported_model` for a path to a ``.pt2`` file,
+    `zoo.hf.load_hf_model` for ``hf:DIR`` (a local Hugging Face model directory)."""
     text = str(ref)
+    if text.startswith("hf:"):
+        from .hf import load_hf_model
+
+        return load_hf_model(text, weights)
+    if not text.startswith("zoo:") and text.endswith(".zip"):  # an uploaded Hugging Face model directory
+        from .hf_upload import load_hf_zip
+
+        return load_hf_zip(text, weights)
     if not text.startswith("zoo:") and text.endswith(".pt2"):
         if weights is not None:
             raise BitsearchError("an exported (.pt2) model carries its own weights; do not give weights")

@@ -13,6 +13,7 @@ from db.models import new_id
 from db.tables import StoredDataset, StoredModel
 from quant.errors import BitsearchError
 from zoo import uploads as up
+from zoo.hf_upload import inspect_hf_zip_upload
 
 from .. import storage, views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId, abs_path
@@ -92,13 +93,17 @@ async def upload_model(request: Request, tenant: TenantId, sf: SF, settings: Set
             with _named_as_sent(received):
                 info = await run_in_threadpool(up.inspect_safetensors_upload, received.path, arch)
             arch = info["architecture"]
+        elif fmt == "hf-zip":  # a zipped Hugging Face model directory (config.json + *.safetensors)
+            with _named_as_sent(received):
+                info = await run_in_threadpool(inspect_hf_zip_upload, received.path)
+            arch = info["architecture"]
         else:
             raise HTTPException(
                 415,
                 "unrecognised model file: upload a torch.export archive (.pt2, from "
                 "torch.export.save) or safetensors weights with architecture=zoo:NAME",
             )
-        ext = "pt2" if fmt == "pt2" else "safetensors"
+        ext = {"pt2": "pt2", "hf-zip": "zip"}.get(fmt, "safetensors")
         row = _store(sf, settings, received, StoredModel, tenant, "models", ext,
                      format=fmt, architecture=arch, info=info)
     finally:
