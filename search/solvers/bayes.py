@@ -49,11 +49,9 @@ selects on the scorer's split, the front is judged on yours.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import threading
 import time
 import uuid
 import warnings
@@ -64,197 +62,18 @@ from typing import Any
 
 import numpy as np
 
-from quant.allocation import Allocation
 from quant.errors import BitsearchError
 
 from ..problem import FEAS_RTOL, AllocationProblem, Budget, canonical_metric
+from ..study_storage import make_storage  # noqa: F401  (re-exported)
 from .base import RawResult, Solution, Solver, register_solver
+from .scorers import SCORE_DIRECTIONS, PTQScorer, QATScorer, Scorer, ptq_scorer, qat_scorer  # noqa: F401
 
-Scorer = Callable[[Allocation], float]
-
-#: Scores a scorer may report, and the direction each is optimised in.
-SCORE_DIRECTIONS = {"top1": "maximize", "agreement": "maximize", "kl": "minimize", "loss": "minimize"}
 SAMPLERS = ("tpe", "nsgaii", "random")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 _ATTR_PROBLEM = "bitsearch.problem"
 _ATTR_SCORER = "bitsearch.scorer"
 
-
-# --- scorers ----------------------------------------------------------------------------------------------
-
-
-class PTQScorer:
-    """Post-training quantization score of an allocation on fixed data (see `ptq_scorer`).
-
-    The model is copied, wrapped and calibrated once; each call re-derives the quantizers
-    (`quant.apply.set_allocation`) and runs the data once. Calls are serialised by a lock, so threads may
-    share one scorer (they then take turns; give each thread its own scorer to measure in parallel).
-    """
-
-    def __init__(self, model: Any, calibration: Any, eval_data: Any, quant_config: Any = None, metric: str = "top1"):
-        from quant.apply import QuantConfig, collect_statistics, wrap_model
-        from zoo.evaluate import evaluate
-
-        from ..pareto import _as_dataset
-
-        if metric not in SCORE_DIRECTIONS:
-            raise BitsearchError(f"unknown score {metric!r}; known: {sorted(SCORE_DIRECTIONS)}")
-        self.metric = metric
-        self.direction = SCORE_DIRECTIONS[metric]
-        self.config = quant_config or QuantConfig()
-        self.data = _as_dataset(eval_data, "eval_data")
-        if metric in ("top1", "loss") and self.data.y is None:
-            raise BitsearchError(f"the {metric} score needs labelled eval data; use metric='kl' without labels")
-        self._evaluate = evaluate
-        self.reference = evaluate(model, self.data)
-        self.qmodel = copy.deepcopy(model).eval()
-        layers = wrap_model(self.qmodel, self.config)
-        if calibration is not None:
-            collect_statistics(self.qmodel, layers, calibration, self.config)
-        self.layer_names = list(layers)
-        self.calls = 0
-        self.seconds = 0.0
-        self.last: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "ptq", "metric": self.metric, "n": len(self.data), "quant": self.config.to_dict()}
-
-    def __call__(self, allocation: Allocation) -> float:
-        from quant.apply import set_allocation
-
-        with self._lock:
-            t0 = time.perf_counter()
-            set_allocation(self.qmodel, allocation)
-            r = self._evaluate(self.qmodel, self.data, reference_logits=self.reference.logits)
-            self.calls += 1
-            self.seconds += time.perf_counter() - t0
-            self.last = r.to_dict()
-        value = getattr(r, self.metric)
-        if value is None:
-            raise BitsearchError(f"the evaluation gave no {self.metric}")
-        return float(value)
-
-
-def ptq_scorer(
-    model: Any, calibration: Any, eval_data: Any, quant_config: Any = None, metric: str = "top1"
-) -> PTQScorer:
-    """A scorer that measures an allocation by PTQ: `metric` of the fake-quantized model on `eval_data`.
-
-    `calibration`: input batches for activation ranges and data-driven weight clipping (may be None when no
-    allocation needs them). `eval_data`: an ArrayDataset, an (x, y) pair or an input tensor; keep it apart
-    from the data that will finally judge the result. `metric`: "top1" / "agreement" (maximised), "kl" /
-    "loss" (minimised); the scorer's `direction` tells the solver which.
-    """
-    return PTQScorer(model, calibration, eval_data, quant_config, metric)
-
-
-class QATScorer:
-    """Scores an allocation by a short quantization-aware fine-tuning run (`quant.qat.finetune`)."""
-
-    def __init__(self, model: Any, train_data: Any, eval_data: Any, recipe: Any = None, calibration: Any = None,
-                 metric: str = "top1"):
-        if metric not in ("top1", "loss"):
-            raise BitsearchError("a QAT scorer reports top1 or loss")
-        self.model, self.train_data, self.eval_data = model, train_data, eval_data
-        self.recipe, self.calibration, self.metric = recipe, calibration, metric
-        self.direction = SCORE_DIRECTIONS[metric]
-        self.last: dict[str, Any] = {}
-
-    def describe(self) -> dict[str, Any]:
-        r = self.recipe
-        return {"kind": "qat", "metric": self.metric, "recipe": None if r is None else r.to_dict()}
-
-    def __call__(self, allocation: Allocation) -> float:
-        from quant.qat import finetune
-
-        res = finetune(self.model, allocation, self.train_data, self.recipe, calibration=self.calibration,
-                       eval_data=self.eval_data)
-        self.last = dict(res.metrics)
-        return float(res.metrics[self.metric])
-
-
-def qat_scorer(model: Any, train_data: Any, eval_data: Any, recipe: Any = None, calibration: Any = None,
-               metric: str = "top1") -> QATScorer:
-    """A scorer that fine-tunes each allocation briefly (`recipe`, e.g. `QATRecipe(steps=100)`) and reports
-    `metric` on `eval_data`. Costly: one QAT run per trial."""
-    return QATScorer(model, train_data, eval_data, recipe, calibration, metric)
-
-
-# --- storage --------------------------------------------------------------------------------------------
-
-
-def _sqlalchemy_url(url: str) -> str:
-    # The app ships psycopg 3; SQLAlchemy reads a bare postgresql:// as psycopg2.
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def _check_foreign_database(url: str, engine_kwargs: dict[str, Any]) -> None:
-    """Refuse a database whose `alembic_version` belongs to another application (Optuna would adopt it)."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url, **engine_kwargs)
-    try:
-        names = set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-    if "alembic_version" in names and "version_info" not in names:
-        raise BitsearchError(
-            "this database already holds another application's migrations (alembic_version); Optuna would "
-            "take that table over. Give the study its own SQLite file, or a PostgreSQL schema (optuna_schema)"
-        )
-
-
-def make_storage(storage: Any, optuna_schema: str = "optuna") -> Any:
-    """An Optuna storage from a URL (or None: in memory; or an Optuna storage, returned as is)."""
-    import optuna
-
-    if storage is None:
-        return optuna.storages.InMemoryStorage()
-    if not isinstance(storage, str):
-        return storage
-    url = _sqlalchemy_url(storage)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60, "check_same_thread": False}}
-        path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
-        if path and path != ":memory:":
-            import sqlite3
-
-            # WAL (persistent in the file): readers do not block the worker that writes. Switching needs the
-            # file to itself, so a worker that opens it while another writes retries, then goes on without.
-            for attempt in range(10):
-                con = sqlite3.connect(path, timeout=60)
-                try:
-                    if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
-                        break
-                    con.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    time.sleep(0.1 * (attempt + 1))
-                finally:
-                    con.close()
-    elif url.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(url, pool_pre_ping=True)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{optuna_schema}"'))
-        finally:
-            engine.dispose()
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"options": f"-csearch_path={optuna_schema}"}}
-    _check_foreign_database(url, engine_kwargs)
-    last: Exception | None = None
-    for attempt in range(5):  # two workers creating the tables at once: the loser retries
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except Exception as exc:  # sqlalchemy's OperationalError / IntegrityError on a racing CREATE TABLE
-            last = exc
-            time.sleep(0.2 * (attempt + 1))
-    raise BitsearchError(f"cannot open the Optuna storage {storage!r}: {last}")
 
 
 # --- the solver -------------------------------------------------------------------------------------------
