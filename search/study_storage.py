@@ -37,8 +37,11 @@ def _check_foreign_database(url: str, engine_kwargs: dict[str, Any]) -> None:
         )
 
 
-def make_storage(storage: Any, optuna_schema: str = "optuna") -> Any:
-    """An Optuna storage from a URL (or None: in memory; or an Optuna storage, returned as is)."""
+def make_storage(storage: Any, optuna_schema: str = "optuna", **rdb_options: Any) -> Any:
+    """An Optuna storage from a URL (or None: in memory; or an Optuna storage, returned as is).
+
+    `rdb_options` go to `optuna.storages.RDBStorage` (heartbeat_interval, grace_period, failed_trial_callback).
+    """
     import optuna
 
     if storage is None:
@@ -80,7 +83,7 @@ def make_storage(storage: Any, optuna_schema: str = "optuna") -> Any:
     last: Exception | None = None
     for attempt in range(5):  # two workers creating the tables at once: the loser retries
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **rdb_options)
         except Exception as exc:  # sqlalchemy's OperationalError / IntegrityError on a racing CREATE TABLE
             last = exc
             time.sleep(0.2 * (attempt + 1))
