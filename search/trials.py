@@ -171,6 +171,7 @@ def create_study(
 
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if objective_kind not in TRIAL_OBJECTIVES:
         raise BitsearchError(f"unknown trial objective {objective_kind!r}; known: {sorted(TRIAL_OBJECTIVES)}")
     if not isinstance(storage_url, str):
