@@ -7,7 +7,7 @@ import torch
 
 from quant.errors import BitsearchError
 from search.solvers import SOLVERS
-from search.solvers.bompnas import BompNasConfig, bompnas_search, cost_of, front, train_candidate
+from search.solvers.bompnas import BompNasConfig, BompNasSettings, bompnas_search, cost_of, front, train_candidate
 from zoo.families import FAMILIES, get_family, inherit_weights
 from zoo.models import _build, get_model_spec
 
@@ -68,7 +68,7 @@ def test_config_refuses_bad_settings(bad, match):
 
 def test_registered_as_a_solver_that_points_to_the_search():
     cls = SOLVERS["bomp-nas"]
-    assert cls.needs_train and cls.searches_architecture and cls.Config is BompNasConfig
+    assert cls.needs_train and cls.searches_architecture and cls.Config is BompNasSettings
     from search.solvers.base import Solver
 
     assert issubclass(cls, Solver)

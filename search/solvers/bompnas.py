@@ -49,36 +49,29 @@ COST_METRICS = ("weight_memory", "bops", "avg_weight_bits")
 
 
 @dataclass
-class BompNasConfig:
-    """Everything that decides a BOMP-NAS study; JSON-serialisable and validated on construction."""
+class BompNasSettings:
+    """The solver settings of a BOMP-NAS search (what `POST /search` takes as `solver.settings`); the model,
+    data and budgets come from the search itself. Validated on construction."""
 
-    family: str = "zoo:digits-cnn"  # a zoo model with a registered family (zoo.families)
-    data: str = "zoo:digits"  # training data: a zoo data reference or an .npz path
-    selection_data: str | None = None  # held-out data that scores trials (default: a split of `data`)
-    selection_fraction: float = 0.2  # share of `data` held out for selection when `selection_data` is None
-    data_seed: int = 0
-    weights: str | None = None  # pretrained weights of the base model (a file), for models that need one
     space: dict[str, list[Any]] | None = None  # narrowing of the family's shape space
     weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     activation_bits: int = 8  # input-activation bits of every layer (32: float activations)
     cost_metric: str = "weight_memory"
-    budgets: list[str] = field(default_factory=list)  # e.g. ["weight_memory=2KB"]
     init: str = "inherit"
-    train_steps: int = 200  # float training steps per trial (0: none; e.g. with init="inherit")
+    train_steps: int = 200  # float training steps per trial (0: none, e.g. with init="inherit")
     train_lr: float = 3e-3
     batch_size: int = 64
     qaft_steps: int = 100
     qaft_lr: float = 0.01
     seed: int = 0
+    total_trials: int = 20  # trials of the study, all workers together
+    trial_timeout: float | None = None  # seconds per trial (None: no limit)
+    workers: int = 2  # trial jobs the search fans out to (the search's own job is one of them)
 
     def __post_init__(self) -> None:
-        from zoo.families import get_family
-
-        fam = get_family(self.family)
-        fam.restrict(self.space)
-        if self.selection_data is None and not 0.0 < float(self.selection_fraction) < 1.0:
-            raise BitsearchError(f"selection_fraction must be in (0, 1), got {self.selection_fraction!r}")
-        bits = list(self.weight_bits)
+        if self.space is not None and not isinstance(self.space, dict):
+            raise BitsearchError("space must map shape parameters to lists of allowed values")
+        bits = list(self.weight_bits) if isinstance(self.weight_bits, (list, tuple)) else [self.weight_bits]
         if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in bits):
             raise BitsearchError(f"weight_bits must be a non-empty list of integers in [2, 8], got {self.weight_bits!r}")
         self.weight_bits = sorted(set(bits))
@@ -87,21 +80,50 @@ class BompNasConfig:
         self.cost_metric = canonical_metric(self.cost_metric)
         if self.cost_metric not in COST_METRICS:
             raise BitsearchError(f"cost_metric must be one of {list(COST_METRICS)}, got {self.cost_metric!r}")
+        if self.init not in INITS:
+            raise BitsearchError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        for name, low in (("train_steps", 0), ("qaft_steps", 1), ("batch_size", 1), ("seed", 0),
+                          ("total_trials", 1), ("workers", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise BitsearchError(f"{name} must be an integer >= {low}, got {v!r}")
+        for name in ("train_lr", "qaft_lr") + (("trial_timeout",) if self.trial_timeout is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise BitsearchError(f"{name} must be a positive number, got {v!r}")
+
+
+#: Settings that steer the fan-out, not what a trial computes (left out of the study's objective config).
+FANOUT_SETTINGS = ("total_trials", "trial_timeout", "workers")
+
+
+@dataclass
+class BompNasConfig(BompNasSettings):
+    """Everything that decides a BOMP-NAS study's trials: the settings plus the family, data and budgets."""
+
+    family: str = "zoo:digits-cnn"  # a zoo model with a registered family (zoo.families)
+    data: str = "zoo:digits"  # training data: a zoo data reference or an .npz path
+    selection_data: str | None = None  # held-out data that scores trials (default: a split of `data`)
+    selection_fraction: float = 0.2  # share of `data` held out for selection when `selection_data` is None
+    data_seed: int = 0
+    weights: str | None = None  # pretrained weights of the base model (a file), for models that need one
+    budgets: list[str] = field(default_factory=list)  # e.g. ["weight_memory=2KB"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from zoo.families import get_family
+
+        fam = get_family(self.family)
+        fam.restrict(self.space)
+        if self.selection_data is None and not 0.0 < float(self.selection_fraction) < 1.0:
+            raise BitsearchError(f"selection_fraction must be in (0, 1), got {self.selection_fraction!r}")
+        if isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int) or self.data_seed < 0:
+            raise BitsearchError(f"data_seed must be an integer >= 0, got {self.data_seed!r}")
         budgets = parse_budgets(self.budgets)
         for b in budgets:
             if b.metric not in COST_METRICS:
                 raise BitsearchError(f"bomp-nas budgets can be on {list(COST_METRICS)}, not {b.metric}")
         self.budgets = [str(b) for b in self.budgets] if isinstance(self.budgets, list) else [str(self.budgets)]
-        if self.init not in INITS:
-            raise BitsearchError(f"init must be one of {list(INITS)}, got {self.init!r}")
-        for name, low in (("train_steps", 0), ("qaft_steps", 1), ("batch_size", 1), ("seed", 0), ("data_seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise BitsearchError(f"{name} must be an integer >= {low}, got {v!r}")
-        for name in ("train_lr", "qaft_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise BitsearchError(f"{name} must be a positive number, got {v!r}")
         spec = _base_spec(self.family)
         if self.init == "inherit" and spec.needs_weights and self.weights is None:
             raise BitsearchError(
@@ -110,6 +132,10 @@ class BompNasConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def objective_config(self) -> dict[str, Any]:
+        """What the study stores for its workers: everything but the fan-out settings."""
+        return {k: v for k, v in asdict(self).items() if k not in FANOUT_SETTINGS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BompNasConfig":
@@ -331,19 +357,22 @@ class FrontPoint:
         return asdict(self)
 
 
-def create(storage: str, study_name: str, config: BompNasConfig, total_trials: int,
+def create(storage: str, study_name: str, config: BompNasConfig, total_trials: int | None = None,
            trial_timeout: float | None = None, heartbeat_interval: int = 10, max_retry: int = 1) -> str:
-    """Create the study of a BOMP-NAS search in `storage` (an SQLAlchemy URL); workers then `run_trials` it."""
-    fan = Fanout(total_trials, trial_timeout=trial_timeout, heartbeat_interval=heartbeat_interval,
-                 max_retry=max_retry)
-    return create_study(storage, study_name, ["maximize", "minimize"], OBJECTIVE_KIND, config.to_dict(), fan)
+    """Create the study of a BOMP-NAS search in `storage` (an SQLAlchemy URL); workers then `run_trials` it.
+    `total_trials` / `trial_timeout` default to the config's."""
+    fan = Fanout(total_trials or config.total_trials,
+                 trial_timeout=trial_timeout if trial_timeout is not None else config.trial_timeout,
+                 heartbeat_interval=heartbeat_interval, max_retry=max_retry)
+    return create_study(storage, study_name, ["maximize", "minimize"], OBJECTIVE_KIND, config.objective_config(),
+                        fan)
 
 
 def _worker_main(storage: str, study_name: str, worker: str) -> int:
     return run_trials(storage, study_name, worker=worker).ran
 
 
-def bompnas_search(config: BompNasConfig, storage: str, study_name: str, total_trials: int,
+def bompnas_search(config: BompNasConfig, storage: str, study_name: str, total_trials: int | None = None,
                    workers: int = 1, trial_timeout: float | None = None) -> list[FrontPoint]:
     """Create the study, run it with `workers` local processes (1: in this process), return its front."""
     create(storage, study_name, config, total_trials, trial_timeout)
@@ -389,13 +418,13 @@ class BompNasSolver(Solver):
     name = "bomp-nas"
     exact = False
     supports_objective = False
-    Config: ClassVar[type] = BompNasConfig
+    Config: ClassVar[type] = BompNasSettings
     #: It trains every trial (training data), reshapes a zoo family, and measures (no table scorer).
     needs_train: ClassVar[bool] = True
     searches_architecture: ClassVar[bool] = True
 
     def __init__(self, **settings: Any):
-        self.config = BompNasConfig.from_dict(settings) if settings else None
+        self.settings = BompNasSettings(**settings)
 
     def _solve(self, problem: AllocationProblem) -> RawResult:
         raise BitsearchError(
@@ -407,6 +436,7 @@ class BompNasSolver(Solver):
 
 __all__ = [
     "BompNasConfig",
+    "BompNasSettings",
     "BompNasSolver",
     "FrontPoint",
     "TrialOutcome",

@@ -318,6 +318,7 @@ def qbitopt_finetune(
     eval_data: Any = None,
     callbacks: Any = None,
     checkpoint_dir: Any = None,
+    resume_from: Any = None,
     printer: Callable[[str], None] | None = None,
 ) -> tuple[Any, Allocation]:
     """QAT with QBitOpt re-allocation; returns (QATResult, the final Allocation, within `budgets`).
@@ -327,6 +328,9 @@ def qbitopt_finetune(
     per-sample Fisher table of the float model on `sensitivity_samples` training items), or an Allocation
     (over budget is allowed: the first update replaces it). cost: a CostModel (default: the model's layers,
     the recipe's weight granularity). The other arguments go to `quant.qat.finetune` or the callback.
+    `resume_from` (a checkpoint of an interrupted run, e.g. in `checkpoint_dir`): training resumes there with
+    the allocation it had reached; the callback's running Fisher re-warms over `every_k` steps, and `history`
+    holds only the updates made after the resume (a caller that needs all of them keeps its own copy).
     """
     from quant.apply import QuantConfig
     from quant.cost import CostModel
@@ -376,7 +380,7 @@ def qbitopt_finetune(
                          weight_granularity=recipe.weight_granularity, printer=printer)
     extra = [] if callbacks is None else (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
     result = finetune(model, start, train_data, recipe, callbacks=[cb] + extra, calibration=calibration,
-                      eval_data=eval_data, checkpoint_dir=checkpoint_dir)
+                      eval_data=eval_data, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
     final = result.allocation
     check = cb.last_problem if cb.last_problem is not None else (factory(init_table) if init_table is not None else None)
     if check is not None:
