@@ -93,6 +93,15 @@ class BompNasSettings:
                 raise BitsearchError(f"{name} must be a positive number, got {v!r}")
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "BompNasSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d or {}) - known)
+        if unknown:
+            raise BitsearchError(f"unknown bomp-nas setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**(d or {}))
+
+
 #: Settings that steer the fan-out, not what a trial computes (left out of the study's objective config).
 FANOUT_SETTINGS = ("total_trials", "trial_timeout", "workers")
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -397,6 +398,47 @@ def qbitopt_finetune(
 # --- the registered solver ---------------------------------------------------------------------------------
 
 
+@dataclass
+class QBitOptSettings:
+    """The settings a search request gives QBitOpt (`solver.settings`); the model, training data, budgets and
+    bit options come from the search itself. `recipe`: `QATRecipe` fields (steps, lr, ...)."""
+
+    every_k: int = 50
+    freeze_at: float = 0.75
+    solver: str = "knapsack"
+    ema: float = 0.9
+    min_gain: float = 0.0
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from quant.qat import QATRecipe
+
+        if isinstance(self.every_k, bool) or not isinstance(self.every_k, int) or self.every_k < 1:
+            raise BitsearchError(f"every_k must be a positive integer, got {self.every_k!r}")
+        if isinstance(self.freeze_at, bool) or not isinstance(self.freeze_at, (int, float)) or not 0 < self.freeze_at <= 1:
+            raise BitsearchError(f"freeze_at must be in (0, 1], got {self.freeze_at!r}")
+        if self.solver not in EXACT_SOLVERS:
+            raise BitsearchError(f"QBitOpt re-solves with one of {list(EXACT_SOLVERS)}, got {self.solver!r}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+            raise BitsearchError(f"ema must be in [0, 1), got {self.ema!r}")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or self.min_gain < 0:
+            raise BitsearchError(f"min_gain must be a non-negative number, got {self.min_gain!r}")
+        if not isinstance(self.recipe, dict):
+            raise BitsearchError("recipe must be an object of QATRecipe fields")
+        r = self.qat_recipe()
+        total = r.steps if r.steps is not None else None
+        if total is not None and self.every_k >= total * self.freeze_at:
+            raise BitsearchError(
+                f"every_k ({self.every_k}) must be below steps x freeze_at ({total} x {self.freeze_at}), "
+                "or QBitOpt never re-allocates"
+            )
+
+    def qat_recipe(self):
+        from quant.qat import QATRecipe
+
+        return QATRecipe.from_dict(self.recipe)
+
+
 @register_solver
 class QBitOptSolver(Solver):
     """QBitOpt as a solver entry: it trains, so it needs `model` and `train_data` (see the module docstring)."""
@@ -404,6 +446,7 @@ class QBitOptSolver(Solver):
     name = "qbitopt"
     exact = False
     supports_objective = False
+    Config = QBitOptSettings  # what a search request may set (the service passes model and data itself)
 
     def __init__(
         self,
@@ -461,4 +504,4 @@ class QBitOptSolver(Solver):
         return RawResult(problem.compress(choice), notes=notes)
 
 
-__all__ = ["QBitOptCallback", "QBitOptSolver", "qbitopt_finetune"]
+__all__ = ["QBitOptCallback", "QBitOptSettings", "QBitOptSolver", "qbitopt_finetune"]

@@ -1,0 +1,97 @@
+"""The service side of bayes, bomp-nas and qbitopt: refusals before queueing, the study's database, QBitOpt
+resumed from its checkpoint with its bits history, a BOMP-NAS search stored with its architectures."""
+
+from __future__ import annotations
+
+import pytest
+
+from quant.errors import BitsearchError
+from service.measured_search import bits_history, check_servable, run_bomp_nas, run_qbitopt, study_url
+from zoo import load_digits_splits, load_model
+
+
+@pytest.mark.parametrize("solver, settings, kw, match", [
+    ("bomp-nas", {}, {"model_ref": "zoo:cifar-resnet", "has_train": True}, "cannot reshape"),
+    ("bomp-nas", {}, {"model_ref": "/srv/uploads/m.pt2", "has_train": True}, "cannot reshape"),
+    ("bomp-nas", {}, {"model_ref": "zoo:digits-cnn", "has_train": False}, "needs training data"),
+    ("bomp-nas", {"weight_bits": [1]}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "weight_bits"),
+    ("bomp-nas", {"family": "zoo:digits-mlp"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "unknown"),
+    ("qbitopt", {}, {"model_ref": "zoo:digits-cnn", "has_train": False, "budgets": ["avg_wbits=3"]}, "training data"),
+    ("qbitopt", {}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "budgets"),
+    ("qbitopt", {"every_k": 80, "recipe": {"steps": 100}},
+     {"model_ref": "zoo:digits-cnn", "has_train": True, "budgets": ["avg_wbits=3"]}, "every_k"),
+    ("qbitopt", {"recipe": {"stepz": 1}}, {"model_ref": "zoo:digits-cnn", "has_train": True,
+                                            "budgets": ["avg_wbits=3"]}, "stepz"),
+    ("bayes", {"scorer": "qaft"}, {"model_ref": "zoo:digits-cnn", "has_train": False}, "training data"),
+    ("bayes", {"scorer": "magic"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "scorer"),
+    ("bayes", {"storage": "sqlite:///x.db"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "sets"),
+    ("bayes", {"n_trials": 0}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "n_trials"),
+])
+def test_unservable_requests_are_refused_with_the_reason(solver, settings, kw, match):
+    with pytest.raises(BitsearchError, match=match):
+        check_servable(solver, settings, **kw)
+
+
+def test_servable_requests_pass():
+    check_servable("bomp-nas", {"total_trials": 4}, model_ref="zoo:digits-mlp", has_train=True,
+                   budgets=["weight_memory=4KB"])
+    check_servable("qbitopt", {"every_k": 10, "recipe": {"steps": 40}}, model_ref="zoo:digits-cnn", has_train=True,
+                   budgets=["avg_wbits=3"])
+    check_servable("bayes", {"n_trials": 5}, model_ref="zoo:digits-cnn", has_train=False)
+    check_servable("ilp", None, model_ref=None, has_train=False)
+
+
+def test_studies_live_beside_the_service_database(tmp_path):
+    assert study_url(f"sqlite:///{tmp_path}/app.db") == f"sqlite:///{tmp_path}/app-studies.db"
+    assert study_url("postgresql://u@h/db") == "postgresql://u@h/db"  # Optuna's own schema there
+    with pytest.raises(BitsearchError):
+        study_url("sqlite:///:memory:")
+
+
+def test_bomp_nas_search_resumes_its_study_and_reports_the_recommended_trial(tmp_path):
+    db = f"sqlite:///{tmp_path}/app.db"
+    settings = {"total_trials": 3, "train_steps": 5, "qaft_steps": 5, "batch_size": 32, "workers": 1}
+    test = load_digits_splits(0).test
+    out = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, db, "search-1", report=test)
+    fr = out["front"]
+    assert fr.points and all("arch" in p.allocation.metadata for p in fr.points)
+    assert all(p.metrics["weight_memory"] <= 6 * 1024 * 8 for p in fr.points)
+    assert len(out["trials"]) == 3 and out["recommendation"]["report"]["top1"] is not None
+    # the selection score of the recommended trial is reproduced when it is re-run for the report
+    best = fr.points[out["recommendation"]["index"]]
+    assert out["recommendation"]["report"]["selection_rerun"] == pytest.approx(best.measured["top1"])
+    again = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, db, "search-1")
+    assert len(again["trials"]) == 3  # the same study, nothing run twice
+
+
+def test_qbitopt_resumes_from_its_checkpoint_and_keeps_the_bits_history(tmp_path):
+    loaded = load_model("zoo:digits-cnn")
+    d = load_digits_splits(0)
+    settings = {"every_k": 4, "freeze_at": 0.9, "recipe": {"steps": 16, "batch_size": 32, "checkpoint_every": 4,
+                                                           "device": "cpu"}}
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_10(f, msg):
+        if "step 10/" in msg:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_qbitopt(loaded.model, d.train, d.calibration, d.test, ["avg_wbits=3"], settings, [2, 4, 8], [32],
+                    workdir=workdir, progress=crash_at_10)
+    assert (workdir / "qat-checkpoint.pt").exists()
+    first = [h["step"] for h in __import__("json").loads((workdir / "qbitopt-history.json").read_text())]
+    assert first == [4, 8]
+    out = run_qbitopt(loaded.model, d.train, d.calibration, d.test, ["avg_wbits=3"], settings, [2, 4, 8], [32],
+                      workdir=workdir)
+    assert out["resumed"] and out["qat"]["steps"] == 16
+    assert [h["step"] for h in out["history"]] == [4, 8, 12]  # updates before and after the resume
+    p = out["front"].points[0]
+    assert p.metrics["avg_weight_bits"] <= 3.0 + 1e-9 and p.measured["qat"] is True
+    assert out["recommendation"]["report"]["top1"] is not None
+    h = bits_history(out["history"])
+    assert h["steps"] == [4, 8, 12] and set(h) - {"steps"} == set(p.allocation.layers)
+    assert all(b in (2, 4, 8) for layer, bs in h.items() if layer != "steps" for b in bs)
