@@ -52,7 +52,8 @@ def test_bomp_nas_search_resumes_its_study_and_reports_the_recommended_trial(tmp
     db = f"sqlite:///{tmp_path}/app.db"
     settings = {"total_trials": 3, "train_steps": 5, "qaft_steps": 5, "batch_size": 32, "workers": 1}
     test = load_digits_splits(0).test
-    out = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, db, "search-1", report=test)
+    out = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, study_url(db), "search-1",
+                       report=test)
     fr = out["front"]
     assert fr.points and all("arch" in p.allocation.metadata for p in fr.points)
     assert all(p.metrics["weight_memory"] <= 6 * 1024 * 8 for p in fr.points)
@@ -60,7 +61,7 @@ def test_bomp_nas_search_resumes_its_study_and_reports_the_recommended_trial(tmp
     # the selection score of the recommended trial is reproduced when it is re-run for the report
     best = fr.points[out["recommendation"]["index"]]
     assert out["recommendation"]["report"]["selection_rerun"] == pytest.approx(best.measured["top1"])
-    again = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, db, "search-1")
+    again = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, study_url(db), "search-1")
     assert len(again["trials"]) == 3  # the same study, nothing run twice
 
 
