@@ -96,3 +96,36 @@ def test_qbitopt_resumes_from_its_checkpoint_and_keeps_the_bits_history(tmp_path
     h = bits_history(out["history"])
     assert h["steps"] == [4, 8, 12] and set(h) - {"steps"} == set(p.allocation.layers)
     assert all(b in (2, 4, 8) for layer, bs in h.items() if layer != "steps" for b in bs)
+
+
+def test_study_trials_jobs_run_a_fanout_study_through_the_job_system(tmp_path):
+    import threading
+
+    from db import jobs as repo
+    from search.solvers.bompnas import BompNasConfig, create, front
+    from service.jobs.runner import execute
+    from service.measured_search import register_trials_kind
+    from service.settings import Settings
+    from tests.helpers import make_sf
+
+    register_trials_kind()
+    sf = make_sf("sqlite", tmp_path)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'test.db'}")
+    url = study_url(settings.db_url)
+    cfg = BompNasConfig(family="zoo:digits-mlp", train_steps=5, qaft_steps=5, batch_size=32, total_trials=4)
+    create(url, "search-x", cfg, heartbeat_interval=2)
+    ids = [repo.submit(sf, "study-trials", {"storage": url, "study": "search-x"}).id for _ in range(2)]
+
+    def work(i):
+        job = repo.claim(sf, f"w{i}")
+        assert job is not None
+        execute(sf, job, f"w{i}", settings)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    results = [repo.get(sf, i) for i in ids]
+    assert [j.status.value for j in results] == ["succeeded", "succeeded"], [j.error for j in results]
+    ran = [j.result["ran"] for j in results]
+    assert sum(ran) == 4 and all(j.result["study_done"] == 4 for j in results)
+    assert front(url, "search-x")
