@@ -31,6 +31,7 @@ from torch import nn
 from quant.errors import BitsearchError
 
 from .models import ZOO_PREFIX, get_model_spec
+from .resnet import BasicBlock
 
 Arch = dict[str, Any]
 
@@ -172,21 +173,13 @@ class _ChannelShortcut(nn.Module):
         return x
 
 
-class _Block(nn.Module):
+class _Block(BasicBlock):
+    """`zoo.resnet.BasicBlock` with a shortcut between any two widths."""
+
     def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
+        super().__init__(in_planes, planes, stride)
         if stride != 1 or in_planes != planes:
             self.shortcut = _ChannelShortcut(in_planes, planes, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class CifarResNetShape(nn.Module):
