@@ -286,8 +286,70 @@ def bits_history(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return out
 
 
+# --- one entry for the search pipeline --------------------------------------------------------------------
+
+
+def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref: str | None, weights: str | None,
+                   data_ref: str | None, problem: Any, metric: str, n_points: int, requested: Sequence[float],
+                   quant_config: Any, budgets: Sequence[Any], weight_bits: Sequence[int],
+                   activation_bits: Sequence[int], train: Any = None, calibration: Any = None,
+                   selection: Any = None, report: Any = None, progress: ProgressFn | None = None,
+                   context: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
+    """The front of a measured solver, for the search pipeline: (ParetoFront, own recommendation or None,
+    extras to keep with the result).
+
+    bayes: the front of a bayes sweep (its study in `context["storage"]`, named `context["study"]`; in memory
+    without), which the pipeline then measures and recommends from as any front; the recommendation is None.
+    bomp-nas / qbitopt: points measured by their own training; the pipeline must not re-measure them (a
+    bomp-nas point is another architecture), so they come with their recommendation (index 0-based into the
+    front's points, "report": metrics on `report`). `context`: storage, study, workdir, submit_helpers, stop.
+    """
+    from search.pareto import pareto_front
+
+    ctx = dict(context or {})
+    progress = progress or (lambda f, m: None)
+    budget_texts = [f"{b.metric}={b.limit!r}" for b in budgets]
+    if name == "bayes":
+        from search.solvers.bayes import BayesSolver
+
+        opts = bayes_solver_options(settings, model, calibration, selection, train, quant_config,
+                                    ctx.get("storage"), ctx.get("study"),
+                                    progress=lambda f, m: progress(0.5 + 0.05 * f, m))
+        solver = BayesSolver(**opts)
+        front = pareto_front(problem, metric, n_points, solver, extra_limits=list(requested))
+        study = solver.study
+        return front, None, {"study": getattr(study, "study_name", None),
+                             "trials": len(study.get_trials(deepcopy=False)) if study is not None else 0}
+    if name == "bomp-nas":
+        if model_ref is None:
+            raise BitsearchError("bomp-nas reshapes a zoo model family: give a zoo model (e.g. zoo:digits-cnn)")
+        storage = ctx.get("storage")
+        if storage is None:
+            import tempfile
+
+            storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='bitsearch-nas-')) / 'study.db'}"
+        out = run_bomp_nas(model_ref, weights, data_ref, budget_texts, settings, storage,
+                           ctx.get("study") or "bomp-nas", report=report, submit_helpers=ctx.get("submit_helpers"),
+                           progress=lambda f, m: progress(0.5 + 0.45 * f, m), stop=ctx.get("stop"),
+                           worker=ctx.get("worker"))
+        extras = {k: out[k] for k in ("trials", "helper_jobs", "study", "seconds")}
+        return out["front"], out["recommendation"], extras
+    if name == "qbitopt":
+        if train is None:
+            raise BitsearchError("qbitopt needs training data")
+        workdir = ctx.get("workdir")
+        out = run_qbitopt(model, train, selection, report, budget_texts, settings, weight_bits, activation_bits,
+                          workdir=Path(workdir) if workdir is not None else None,
+                          progress=lambda f, m: progress(0.5 + 0.45 * f, m),
+                          constraints=getattr(problem, "constraints", None))
+        return out["front"], out["recommendation"], {"history": out["history"], "resumed": out["resumed"],
+                                                     "bits_history": bits_history(out["history"])}
+    raise BitsearchError(f"{name!r} is not a measured solver; those are {list(MEASURED_SOLVERS)}")
+
+
 __all__ = [
     "MEASURED_SOLVERS",
+    "measured_front",
     "bayes_solver_options",
     "bits_history",
     "check_servable",

@@ -129,3 +129,32 @@ def test_study_trials_jobs_run_a_fanout_study_through_the_job_system(tmp_path):
     ran = [j.result["ran"] for j in results]
     assert sum(ran) == 4 and all(j.result["study_done"] == 4 for j in results)
     assert front(url, "search-x")
+
+
+def test_bayes_front_for_the_pipeline_keeps_its_study_in_the_given_database(tmp_path):
+    import optuna
+
+    from quant.apply import QuantConfig
+    from quant.cost import CostModel
+    from search import AllocationProblem, Budget
+    from search.measured import measured_front
+    from sensitivity import SensitivityOptions, compute_sensitivity
+
+    loaded = load_model("zoo:digits-mlp")
+    d = load_digits_splits(0)
+    cal = d.train.subset(range(128))
+    table = compute_sensitivity(loaded.model, cal, "fisher", SensitivityOptions(weight_bits=(2, 4, 8), samples=128))
+    budgets = [Budget("avg_weight_bits", 5.0)]
+    problem = AllocationProblem(table, CostModel(table.layers), budgets)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    kw = dict(model=loaded.model, model_ref="zoo:digits-mlp", weights=None, data_ref=None, problem=problem,
+              metric="avg_weight_bits", n_points=3, requested=[5.0], quant_config=QuantConfig(), budgets=budgets,
+              weight_bits=[2, 4, 8], activation_bits=[32], train=d.train, calibration=cal, selection=d.calibration,
+              context={"storage": url, "study": "search-b"})
+    front, rec, extras = measured_front("bayes", {"n_trials": 6, "seed": 1}, **kw)
+    assert rec is None and front.points and front.solver == "bayes"
+    assert all(p.metrics["avg_weight_bits"] <= 5.0 + 1e-9 for p in front.points)
+    study = optuna.load_study(study_name="search-b", storage=url)
+    assert len(study.get_trials()) == extras["trials"] >= 6
+    with pytest.raises(BitsearchError, match="not a measured solver"):
+        measured_front("ilp", {}, **kw)
