@@ -33,8 +33,6 @@ ProgressFn = Callable[[float, str], None]
 
 MEASURED_SOLVERS = ("bayes", "bomp-nas", "qbitopt")
 BAYES_SCORERS = ("ptq", "qaft")
-#: bayes settings that build its scorer (the rest go to `BayesSolver`).
-BAYES_SERVICE_SETTINGS = ("scorer", "qaft_steps", "qaft_lr")
 
 
 def check_servable(solver: str, settings: dict[str, Any] | None, *, model_ref: str | None, has_train: bool,
@@ -49,7 +47,7 @@ def check_servable(solver: str, settings: dict[str, Any] | None, *, model_ref: s
         if scorer == "qaft" and not has_train:
             raise BitsearchError("bayes with scorer 'qaft' fine-tunes every trial, so it needs training data: "
                                  "give a data set with a train split (e.g. zoo:digits) or a train role")
-        _bayes_options({k: v for k, v in settings.items() if k not in BAYES_SERVICE_SETTINGS})
+        _bayes_settings(settings)
     elif solver == "bomp-nas":
         from search.solvers.bompnas import BompNasConfig, BompNasSettings
         from zoo.families import get_family
@@ -75,20 +73,17 @@ def check_servable(solver: str, settings: dict[str, Any] | None, *, model_ref: s
 # --- bayes ---------------------------------------------------------------------------------------------------
 
 
-def _bayes_options(settings: dict[str, Any]) -> dict[str, Any]:
-    from search.solvers.bayes import BayesSolver
+def _bayes_settings(settings: dict[str, Any]):
+    from dataclasses import fields
 
-    refused = sorted({"scorer", "storage", "study_name", "progress", "direction"} & set(settings))
-    if refused:
-        raise BitsearchError(f"bayes: the service sets {refused} itself")
-    try:
-        BayesSolver(**settings)
-    except TypeError:
-        import inspect
+    from search.solvers.bayes import BayesSettings
 
-        known = [p for p in inspect.signature(BayesSolver.__init__).parameters if p != "self"]
-        raise BitsearchError(f"bayes: unknown setting(s) in {sorted(settings)}; it takes {known}") from None
-    return settings
+    known = [f.name for f in fields(BayesSettings)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise BitsearchError(f"bayes: unknown setting(s) {unknown}; it takes {known} (the service sets the "
+                             "scorer object and the study itself)")
+    return BayesSettings(**settings)
 
 
 def bayes_solver_options(settings: dict[str, Any], model: Any, calibration: Any, selection: Any, train: Any,
@@ -98,19 +93,16 @@ def bayes_solver_options(settings: dict[str, Any], model: Any, calibration: Any,
     None: in memory)."""
     from search.solvers.scorers import ptq_scorer, qat_scorer
 
-    settings = dict(settings or {})
-    scorer_kind = settings.pop("scorer", "ptq")
-    qaft_steps = int(settings.pop("qaft_steps", 50))
-    qaft_lr = float(settings.pop("qaft_lr", 0.01))
-    opts = _bayes_options(settings)
+    st = _bayes_settings(dict(settings or {}))
+    opts = st.solver_options()
     if selection is None or getattr(selection, "y", None) is None:
         raise BitsearchError("bayes measures every trial: it needs labelled selection data")
-    if scorer_kind == "qaft":
+    if st.scorer == "qaft":
         from quant.qat import QATRecipe
 
         if train is None:
             raise BitsearchError("bayes with scorer 'qaft' needs training data")
-        recipe = QATRecipe(steps=qaft_steps, lr=qaft_lr, device="cpu")
+        recipe = QATRecipe(steps=st.qaft_steps, lr=st.qaft_lr, device="cpu")
         scorer = qat_scorer(model, train, selection, recipe, calibration=calibration)
     else:
         scorer = ptq_scorer(model, calibration, selection, quant_config)
@@ -318,8 +310,9 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
         solver = BayesSolver(**opts)
         front = pareto_front(problem, metric, n_points, solver, extra_limits=list(requested))
         study = solver.study
-        return front, None, {"study": getattr(study, "study_name", None),
-                             "trials": len(study.get_trials(deepcopy=False)) if study is not None else 0}
+        n = len(study.get_trials(deepcopy=False)) if study is not None else 0
+        name_ = getattr(study, "study_name", None)
+        return front, None, {"study": name_, "trials": n, "summary": f"study {name_!r}, {n} trials"}
     if name == "bomp-nas":
         if model_ref is None:
             raise BitsearchError("bomp-nas reshapes a zoo model family: give a zoo model (e.g. zoo:digits-cnn)")
@@ -333,6 +326,11 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
                            progress=lambda f, m: progress(0.5 + 0.45 * f, m), stop=ctx.get("stop"),
                            worker=ctx.get("worker"))
         extras = {k: out[k] for k in ("trials", "helper_jobs", "study", "seconds")}
+        states = [t["state"] for t in out["trials"]]
+        extras["summary"] = (f"study {out['study']!r}: {len(states)} trial rows, {states.count('COMPLETE')} complete, "
+                             f"{states.count('FAIL')} failed (re-runs: "
+                             f"{sum(1 for t in out['trials'] if t['retry_of'] is not None)}), "
+                             f"{len(out['helper_jobs'])} helper job(s)")
         return out["front"], out["recommendation"], extras
     if name == "qbitopt":
         if train is None:
@@ -342,8 +340,14 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
                           workdir=Path(workdir) if workdir is not None else None,
                           progress=lambda f, m: progress(0.5 + 0.45 * f, m),
                           constraints=getattr(problem, "constraints", None))
-        return out["front"], out["recommendation"], {"history": out["history"], "resumed": out["resumed"],
-                                                     "bits_history": bits_history(out["history"])}
+        point = out["front"].points[0]
+        point.allocation.metadata["qbitopt"]["bits_history"] = bits_history(out["history"])
+        changes = sum(1 for h in out["history"] if h.get("changed"))
+        return out["front"], out["recommendation"], {
+            "history": out["history"], "resumed": out["resumed"],
+            "summary": f"{len(out['history'])} re-solves, {changes} re-allocations"
+                       + (", resumed from a checkpoint" if out["resumed"] else "")
+                       + "; per-layer bits in the point's allocation metadata (qbitopt.bits_history)"}
     raise BitsearchError(f"{name!r} is not a measured solver; those are {list(MEASURED_SOLVERS)}")
 
 

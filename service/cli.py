@@ -9,63 +9,15 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from quant.errors import BitsearchError
 
-app = typer.Typer(
-    name="bitsearch",
-    help="Find the best per-layer bit-widths for a neural network under a hardware budget.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-# Rich falls back to 80 columns when output is piped; tables of figures read better wider.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-
-_state: dict[str, Any] = {"debug": False}
-
-
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
-    _state["debug"] = debug
-
-
-@contextmanager
-def status(message: str) -> Iterator[Any]:
-    """A spinner for work that may take more than a second (hidden when output is not a terminal)."""
-    with console.status(message) as s:
-        yield s
-
-
-def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
-    if path is None:
-        return
-    try:
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    except OSError as exc:
-        raise BitsearchError(f"cannot write {path}: {exc.strerror or exc}") from None
-    console.print(f"wrote {path}")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def fmt_num(v: Any, spec: str = ".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
+from .cli_common import _state, app, console, err_console, fmt_bytes, fmt_num, status, write_json  # noqa: F401
 
 @app.command()
 def ptq(
@@ -421,7 +373,7 @@ def serve(
 
 # `bitsearch worker` and Celery workers must know the service's "search" job kind too.
 # The search, sensitivity and finetune commands live in their own module; importing it registers them.
-from service import cli_search as _cli_search  # noqa: E402,F401
+from service import cli_search as _cli_search  # noqa: E402,F401  (registers sensitivity, search, finetune)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,4 +409,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m service.cli`: run the imported module, whose app has every command registered on it
+    from service.cli import run as _run
+
+    _run()

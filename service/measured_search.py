@@ -9,6 +9,7 @@ and a worker killed mid-trial costs one re-run of that trial, never a double cou
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,43 @@ def register_trials_kind() -> None:
                           "study_done": run.progress.done})
 
 
+def has_train_data(spec: Any) -> bool:
+    """Whether a `bitsearch.SearchSpec` names training data: a train role, or a zoo data set (they have a train
+    split; an uploaded .npz has none unless a train role names one)."""
+    from zoo.models import get_model_spec
+
+    train = spec.roles.train
+    if train is not None:
+        return True
+    data = spec.data
+    if data is None and isinstance(spec.model, str) and spec.model.startswith("zoo:"):
+        data = get_model_spec(spec.model).dataset
+    return isinstance(data, str) and data.startswith("zoo:")
+
+
+def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
+    """What a search job gives the measured solvers: the study in the service's database (named after the
+    search, so a re-run job resumes it), the job's folder (QBitOpt's checkpoints) and a way to fan trials out
+    as "study-trials" jobs."""
+    from service.jobs.dispatch import submit_job
+    from service.settings import get_settings
+
+    settings = get_settings()
+
+    def submit_helpers(url: str, study: str, n: int) -> list[str]:
+        key = f"study-helpers-{study}"
+        marker = Path(ctx.workdir) / f"{key}.json"
+        if marker.exists():  # a re-run of this job: its helpers were queued by the first attempt
+            return json.loads(marker.read_text())
+        ids = [submit_job(sf, "study-trials", {"storage": url, "study": study}, settings=settings).id
+               for _ in range(n)]
+        marker.write_text(json.dumps(ids))
+        return ids
+
+    return {"storage": study_url(settings.db_url), "study": f"search-{search_id}", "workdir": ctx.workdir,
+            "submit_helpers": submit_helpers, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
+
+
 register_trials_kind()  # every process that imports this module (the search job's, the workers) knows the kind
 
-__all__ = ["MEASURED_SOLVERS", "check_servable", "register_trials_kind", "run_bomp_nas", "run_qbitopt", "study_url"]
+__all__ = ["MEASURED_SOLVERS", "check_servable", "has_train_data", "measured_context", "register_trials_kind", "run_bomp_nas", "run_qbitopt", "study_url"]

@@ -68,7 +68,7 @@ def test_config_refuses_bad_settings(bad, match):
 
 def test_registered_as_a_solver_that_points_to_the_search():
     cls = SOLVERS["bomp-nas"]
-    assert cls.needs_train and cls.searches_architecture and cls.Config is BompNasSettings
+    assert cls.capabilities.needs_train and cls.searches_architecture and cls.Config is BompNasSettings
     from search.solvers.base import Solver
 
     assert issubclass(cls, Solver)

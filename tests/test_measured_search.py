@@ -24,7 +24,7 @@ from zoo import load_digits_splits, load_model
                                             "budgets": ["avg_wbits=3"]}, "stepz"),
     ("bayes", {"scorer": "qaft"}, {"model_ref": "zoo:digits-cnn", "has_train": False}, "training data"),
     ("bayes", {"scorer": "magic"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "scorer"),
-    ("bayes", {"storage": "sqlite:///x.db"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "sets"),
+    ("bayes", {"storage": "sqlite:///x.db"}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "unknown"),
     ("bayes", {"n_trials": 0}, {"model_ref": "zoo:digits-cnn", "has_train": True}, "n_trials"),
 ])
 def test_unservable_requests_are_refused_with_the_reason(solver, settings, kw, match):

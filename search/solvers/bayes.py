@@ -66,14 +66,13 @@ from quant.errors import BitsearchError
 
 from ..problem import FEAS_RTOL, AllocationProblem, Budget, canonical_metric
 from ..study_storage import make_storage  # noqa: F401  (re-exported)
-from .base import RawResult, Solution, Solver, register_solver
+from .base import Capabilities, RawResult, Solution, Solver, register_solver
 from .scorers import SCORE_DIRECTIONS, PTQScorer, QATScorer, Scorer, ptq_scorer, qat_scorer  # noqa: F401
 
 SAMPLERS = ("tpe", "nsgaii", "random")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 _ATTR_PROBLEM = "bitsearch.problem"
 _ATTR_SCORER = "bitsearch.scorer"
-
 
 
 # --- the solver -------------------------------------------------------------------------------------------
@@ -124,6 +123,41 @@ class _Measured:
     worker: str
 
 
+@dataclass
+class BayesSettings:
+    """The settings a search request gives bayes (`solver.settings`). The scorer is built from `scorer`:
+    "ptq" (PTQ on the selection data, default) or "qaft" (`qaft_steps` of QAT at `qaft_lr` on the training
+    data per trial); the study goes into the service's database. The rest are `BayesSolver` options."""
+
+    scorer: str = "ptq"
+    qaft_steps: int = 50
+    qaft_lr: float = 0.01
+    n_trials: int = 50
+    timeout: float | None = None
+    total_trials: int | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    cost_metric: str | None = None
+    warm_start: bool = True
+    warm_start_points: int = 5
+    n_startup_trials: int = 10
+    population_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scorer not in ("ptq", "qaft"):
+            raise BitsearchError(f"scorer must be 'ptq' or 'qaft', got {self.scorer!r}")
+        if isinstance(self.qaft_steps, bool) or not isinstance(self.qaft_steps, int) or self.qaft_steps < 1:
+            raise BitsearchError(f"qaft_steps must be a positive integer, got {self.qaft_steps!r}")
+        if isinstance(self.qaft_lr, bool) or not isinstance(self.qaft_lr, (int, float)) or not self.qaft_lr > 0:
+            raise BitsearchError(f"qaft_lr must be a positive number, got {self.qaft_lr!r}")
+        if self.sampler not in SAMPLERS:  # a sampler object is for Python callers only
+            raise BitsearchError(f"unknown sampler {self.sampler!r}; known: {list(SAMPLERS)}")
+        BayesSolver(**self.solver_options())  # the solver's own checks of the rest
+
+    def solver_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("scorer", "qaft_steps", "qaft_lr")}
+
+
 @register_solver
 class BayesSolver(Solver):
     """Multi-objective Bayesian search over measured allocations; see the module docstring.
@@ -143,6 +177,10 @@ class BayesSolver(Solver):
 
     name = "bayes"
     exact = False
+    Config = BayesSettings  # what a search request may set (scorer and study come from the pipeline)
+    # It scores allocations by measuring them on labelled selection data; a search request gets its scorer
+    # (PTQ on the selection split, or a short QAFT: then it needs training data) from `search.measured`.
+    capabilities = Capabilities(needs_labels=True)
     supports_objective = False  # it optimises a measured score, not the table's objective
 
     def __init__(
@@ -527,4 +565,4 @@ def _describe(scorer: Any) -> Any:
     return None
 
 
-__all__ = ["BayesSolver", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]
+__all__ = ["BayesSettings", "BayesSolver", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]

@@ -41,7 +41,7 @@ from quant.errors import BitsearchError
 
 from ..problem import AllocationProblem, canonical_metric, parse_budgets
 from ..trials import Fanout, TrialContext, create_study, load_fanout_study, register_objective, run_trials
-from .base import RawResult, Solver, register_solver
+from .base import Capabilities, RawResult, Solver, register_solver
 
 OBJECTIVE_KIND = "bomp-nas"
 INITS = ("inherit", "scratch")
@@ -428,8 +428,9 @@ class BompNasSolver(Solver):
     exact = False
     supports_objective = False
     Config: ClassVar[type] = BompNasSettings
-    #: It trains every trial (training data), reshapes a zoo family, and measures (no table scorer).
-    needs_train: ClassVar[bool] = True
+    #: It trains every trial on labelled training data (a search request runs it through `search.measured`).
+    capabilities = Capabilities(needs_train=True, needs_labels=True)
+    #: It reshapes the model: only zoo models of a registered family (zoo.families) qualify.
     searches_architecture: ClassVar[bool] = True
 
     def __init__(self, **settings: Any):

@@ -52,7 +52,7 @@ from quant.allocation import Allocation, LayerBits, is_float_bits
 from quant.errors import BitsearchError
 
 from ..problem import AllocationProblem, Constraints, parse_budgets
-from .base import RawResult, Solver, register_solver
+from .base import Capabilities, RawResult, Solver, register_solver
 
 ProblemFactory = Callable[[Any], AllocationProblem]
 
@@ -289,13 +289,10 @@ class QBitOptCallback:
 
 
 def _train_xy(train_data: Any) -> tuple[Any, Any]:
-    import torch
+    from zoo.data import as_dataset
 
-    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and torch.is_tensor(train_data[0]):
-        return train_data[0], train_data[1]
-    if hasattr(train_data, "x") and torch.is_tensor(train_data.x):
-        return train_data.x, getattr(train_data, "y", None)
-    raise BitsearchError("train_data must be an ArrayDataset or an (x, y) pair of tensors")
+    ds = as_dataset(train_data, "train_data")
+    return ds.x, ds.y
 
 
 def qbitopt_finetune(
@@ -445,6 +442,8 @@ class QBitOptSolver(Solver):
 
     name = "qbitopt"
     exact = False
+    # It re-allocates during QAT: a search request runs it through `search.measured` with its training data.
+    capabilities = Capabilities(needs_train=True, needs_labels=True)
     supports_objective = False
     Config = QBitOptSettings  # what a search request may set (the service passes model and data itself)
 
