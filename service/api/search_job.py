@@ -127,10 +127,13 @@ def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         f = float(fraction) if isinstance(fraction, (int, float)) and fraction == fraction else 0.0
         ctx.progress(0.95 * min(1.0, max(0.0, f)), str(message)[:500])
 
-    from service.measured_search import measured_context
+    parsed = SearchSpec.parse(pipeline_spec(spec))
+    extra: dict[str, Any] = {}
+    if parsed.solver.name in ("bayes", "bomp-nas", "qbitopt"):  # measured: a study, checkpoints, trial jobs
+        from service.measured_search import measured_context
 
-    outcome = pipeline.run_search(SearchSpec.parse(pipeline_spec(spec)), progress,
-                                  measured_context=measured_context(sf, search_id or ctx.job_id, ctx))
+        extra["measured_context"] = measured_context(sf, search_id or ctx.job_id, ctx)
+    outcome = pipeline.run_search(parsed, progress, **extra)
     ctx.progress(0.96, "storing results")
     if search_id is None:
         return JobOutput(outcome.to_dict())
