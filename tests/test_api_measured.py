@@ -113,3 +113,21 @@ def test_qbitopt_round_trip_stores_a_qat_point_and_its_bits_history(tmp_path, se
     assert meta["history"] and meta["bits_history"]["steps"] == [h["step"] for h in meta["history"]]
     assert pareto["points"][0]["measured"]["qat"] is True
     assert pareto["points"][0]["metrics"]["avg_weight_bits"] <= 3 + 1e-9
+
+
+@pytest.mark.slow
+def test_cli_runs_bomp_nas_and_writes_points_with_their_architecture(tmp_path, capsys):
+    import json
+
+    from service.cli import main
+
+    out = tmp_path / "nas.json"
+    code = main(["search", "--model", "zoo:digits-mlp", "--data", "zoo:digits", "--weight-bits", "2,4,8",
+                 "--budget", "weight_memory=6KB", "--solver", "bomp-nas", "--solver-param", "total_trials=2",
+                 "--solver-param", "train_steps=3", "--solver-param", "qaft_steps=3", "--solver-param", "workers=1",
+                 "--json", str(out)])
+    assert code == 0, capsys.readouterr()
+    result = json.loads(out.read_text())
+    points = result["front"]["points"]
+    assert points and all("arch" in p["allocation"]["metadata"] for p in points)
+    assert result["recommendations"] and result["recommendations"][0]["report"]["top1"] is not None
