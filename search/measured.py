@@ -321,6 +321,13 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
             import tempfile
 
             storage = f"sqlite:///{Path(tempfile.mkdtemp(prefix='bitsearch-nas-')) / 'study.db'}"
+        settings = dict(settings)
+        # The request's bit options apply unless the settings name their own (one activation width per study).
+        wb = [int(b) for b in weight_bits if 2 <= int(b) <= 8]
+        if wb:
+            settings.setdefault("weight_bits", wb)
+        if len(list(activation_bits)) == 1:
+            settings.setdefault("activation_bits", int(list(activation_bits)[0]))
         out = run_bomp_nas(model_ref, weights, data_ref, budget_texts, settings, storage,
                            ctx.get("study") or "bomp-nas", report=report, submit_helpers=ctx.get("submit_helpers"),
                            progress=lambda f, m: progress(0.5 + 0.45 * f, m), stop=ctx.get("stop"),
