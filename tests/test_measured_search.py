@@ -127,7 +127,12 @@ def test_study_trials_jobs_run_a_fanout_study_through_the_job_system(tmp_path):
     results = [repo.get(sf, i) for i in ids]
     assert [j.status.value for j in results] == ["succeeded", "succeeded"], [j.error for j in results]
     ran = [j.result["ran"] for j in results]
-    assert sum(ran) == 4 and all(j.result["study_done"] == 4 for j in results)
+    assert sum(ran) == 4  # every trial run once, by one of the two jobs
+    # a job leaves when nothing is left to start (the other may still finish its last trial): the last one sees 4
+    assert max(j.result["study_done"] for j in results) == 4
+    from search.trials import load_fanout_study, progress_of
+
+    assert progress_of(load_fanout_study(url, "search-x")[0].get_trials()).done == 4
     assert front(url, "search-x")
 
 
