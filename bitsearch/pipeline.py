@@ -17,6 +17,8 @@ from quant import Allocation, QuantConfig, default_tie_groups
 from quant.cost import CostModel
 from quant.errors import BitsearchError
 
+from search.measured import MEASURED_SOLVERS, measured_front
+
 from . import models
 from .data import resolve_data
 from .result import Recommendation, SearchResult
@@ -70,9 +72,11 @@ def run_search(
     data: Any = None,
     roles: Mapping[str, Any] | None = None,
     example_input: torch.Tensor | None = None,
+    measured_context: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """The whole search; see the module docstring. `model`/`data`/`roles`: Python objects that take the place
-    of the spec's references."""
+    of the spec's references. `measured_context`: where the measured solvers (bayes, bomp-nas, qbitopt) keep
+    their study and checkpoints (`search.measured.measured_front`; the service passes its database)."""
     from search import AllocationProblem, Budget, measure_front, pareto_front, recommend
     from search.budgets import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
@@ -111,13 +115,28 @@ def run_search(
         # Solve exactly at the requested budgets on the swept metric too: a grid point just below a budget
         # can be much worse than the optimum at it (ResNet-20 at 2.5 average bits: 27 % against 65 %).
         requested = [b.limit for b in budgets if b.metric == canonical_metric(metric)]
-        front = pareto_front(problem, metric, s.pareto_points, s.solver.name, extra_limits=requested,
-                             **s.solver.settings)
+        own_rec = None
+        if s.solver.name in MEASURED_SOLVERS:
+            front, own_rec, extras = measured_front(
+                s.solver.name, dict(s.solver.settings), model=loaded.model,
+                model_ref=s.model if isinstance(s.model, str) else None, weights=s.weights,
+                data_ref=_train_source(s), problem=problem, metric=metric, n_points=s.pareto_points,
+                requested=requested, quant_config=config, budgets=budgets, weight_bits=s.options.weight_bits,
+                activation_bits=s.options.activation_bits, train=resolved.train, calibration=resolved.calibration,
+                selection=resolved.selection, report=resolved.report, progress=progress,
+                context=measured_context)
+            front.notes.append(f"{s.solver.name}: " + extras["summary"])
+        else:
+            front = pareto_front(problem, metric, s.pareto_points, s.solver.name, extra_limits=requested,
+                                 **s.solver.settings)
         timings["solve"] = time.perf_counter() - t
 
         recs: list[Recommendation] = []
         reference_report = None
-        if s.measure and resolved.selection is not None:
+        if own_rec is not None:  # bomp-nas / qbitopt: points measured by their own training, not by PTQ
+            i = own_rec["index"]
+            recs.append(Recommendation(i, list(budgets), True, front.points[i], own_rec.get("report")))
+        elif s.measure and resolved.selection is not None:
             t = time.perf_counter()
             calib = resolved.calibration
             if calib is None and any(not b.activation_bits >= 16 for b in table.options):
@@ -152,6 +171,14 @@ def run_search(
     finally:
         if module is not None and was_training:
             module.train()
+
+
+def _train_source(s: SearchSpec) -> str | None:
+    """The data reference a trial worker reloads its training data from (bomp-nas workers are other processes)."""
+    train = s.roles.train
+    if train is not None and train.source is not None:
+        return train.source
+    return s.data if s.data not in (None, "none") else None
 
 
 def check_layer_names(constraints, names: list[str]) -> None:

@@ -148,7 +148,7 @@ def search(
     budget: list[str] = typer.Option([], "--budget", help="metric=value, e.g. avg_wbits=3, bops=1.2e9. Repeatable."),
     method: str = typer.Option(SPEC["sensitivity.method"], "--method", help="Sensitivity method."),
     method_param: list[str] = typer.Option([], "--method-param", help="KEY=VALUE setting of the method. Repeatable."),
-    solver: str = typer.Option(SPEC["solver.name"], "--solver", help="ilp, knapsack, lp, exhaustive."),
+    solver: str = typer.Option(SPEC["solver.name"], "--solver", help="ilp, knapsack, lp, exhaustive; measured: bayes, bomp-nas, qbitopt."),
     solver_param: list[str] = typer.Option([], "--solver-param", help="KEY=VALUE setting of the solver. Repeatable."),
     pareto: int = typer.Option(SPEC["pareto_points"], "--pareto", min=1, help="Points of the Pareto sweep."),
     metric: Optional[str] = typer.Option(SPEC["pareto_metric"], "--metric", help="Cost axis of the sweep (default: first budget's)."),

@@ -239,7 +239,7 @@ def test_registries_refuse_duplicates_and_check_settings():
     with pytest.raises(BitsearchError, match="probing"):
         METHODS.check("hessian", {"probing": "sideways"})
     assert METHODS.check("hessian", {"tol": 0.1}).tol == 0.1
-    assert SOLVERS.capabilities("bayes").needs_scorer and not SOLVERS.capabilities("ilp").needs_scorer
+    assert SOLVERS.capabilities("qbitopt").needs_train and not SOLVERS.capabilities("ilp").needs_train
     with pytest.raises(BitsearchError, match="estimater"):  # the library path checks too, not only the API
         from sensitivity import SensitivityOptions, compute_sensitivity
 
@@ -260,8 +260,10 @@ def test_what_a_worker_would_refuse_is_a_422_at_submission(api):
     client, h, sf = api
     base = {"model": "zoo:digits-cnn", "data": "zoo:digits"}
     refused = {
-        "bayes without a scorer": ({"solver": {"name": "bayes"}}, "scorer"),
-        "qbitopt without a trainer": ({"solver": {"name": "qbitopt"}}, "scorer"),
+        "bayes with an unknown scorer": ({"solver": {"name": "bayes", "settings": {"scorer": "magic"}}}, "scorer"),
+        "qbitopt without a budget": ({"solver": {"name": "qbitopt"}}, "budget"),
+        "bomp-nas inheriting weights it lacks": ({"model": "zoo:cifar-resnet20", "solver": {"name": "bomp-nas"}},
+                                                  "pretrained weights"),
         "unknown solver setting": ({"solver": {"name": "ilp", "settings": {"tim_limit": 5}}}, "tim_limit"),
         "negative time limit": ({"solver": {"name": "ilp", "settings": {"time_limit": -1}}}, "time_limit"),
         "unknown method setting": ({"sensitivity": {"method": "hessian", "settings": {"x": 1}}}, "unknown setting"),

@@ -18,6 +18,7 @@ from .base import (
 from . import exhaustive, ilp, knapsack, lp  # noqa: E402,F401  (registers them)
 from . import bayes  # noqa: E402,F401  (BOMP-NAS-style measured search, Optuna)
 from . import qbitopt  # noqa: E402,F401  (QBitOpt: re-allocation during QAT)
+from . import bompnas  # noqa: E402,F401  (BOMP-NAS: architecture and bits, QAFT in the loop)
 
 __all__ = [
     "SOLVERS",

@@ -49,11 +49,9 @@ selects on the scorer's split, the front is judged on yours.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import threading
 import time
 import uuid
 import warnings
@@ -64,196 +62,17 @@ from typing import Any
 
 import numpy as np
 
-from quant.allocation import Allocation
 from quant.errors import BitsearchError
 
 from ..problem import FEAS_RTOL, AllocationProblem, Budget, canonical_metric
+from ..study_storage import make_storage  # noqa: F401  (re-exported)
 from .base import Capabilities, RawResult, Solution, Solver, register_solver
+from .scorers import SCORE_DIRECTIONS, PTQScorer, QATScorer, Scorer, ptq_scorer, qat_scorer  # noqa: F401
 
-Scorer = Callable[[Allocation], float]
-
-#: Scores a scorer may report, and the direction each is optimised in.
-SCORE_DIRECTIONS = {"top1": "maximize", "agreement": "maximize", "kl": "minimize", "loss": "minimize"}
 SAMPLERS = ("tpe", "nsgaii", "random")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 _ATTR_PROBLEM = "bitsearch.problem"
 _ATTR_SCORER = "bitsearch.scorer"
-
-
-# --- scorers ----------------------------------------------------------------------------------------------
-
-
-class PTQScorer:
-    """Post-training quantization score of an allocation on fixed data (see `ptq_scorer`).
-
-    The model is copied, wrapped and calibrated once; each call re-derives the quantizers
-    (`quant.apply.set_allocation`) and runs the data once. Calls are serialised by a lock, so threads may
-    share one scorer (they then take turns; give each thread its own scorer to measure in parallel).
-    """
-
-    def __init__(self, model: Any, calibration: Any, eval_data: Any, quant_config: Any = None, metric: str = "top1"):
-        from quant.apply import QuantConfig, collect_statistics, wrap_model
-        from zoo.data import as_dataset
-        from zoo.evaluate import evaluate
-
-        if metric not in SCORE_DIRECTIONS:
-            raise BitsearchError(f"unknown score {metric!r}; known: {sorted(SCORE_DIRECTIONS)}")
-        self.metric = metric
-        self.direction = SCORE_DIRECTIONS[metric]
-        self.config = quant_config or QuantConfig()
-        self.data = as_dataset(eval_data, "eval_data")
-        if metric in ("top1", "loss") and self.data.y is None:
-            raise BitsearchError(f"the {metric} score needs labelled eval data; use metric='kl' without labels")
-        self._evaluate = evaluate
-        self.reference = evaluate(model, self.data)
-        self.qmodel = copy.deepcopy(model).eval()
-        layers = wrap_model(self.qmodel, self.config)
-        if calibration is not None:
-            collect_statistics(self.qmodel, layers, calibration, self.config)
-        self.layer_names = list(layers)
-        self.calls = 0
-        self.seconds = 0.0
-        self.last: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "ptq", "metric": self.metric, "n": len(self.data), "quant": self.config.to_dict()}
-
-    def __call__(self, allocation: Allocation) -> float:
-        from quant.apply import set_allocation
-
-        with self._lock:
-            t0 = time.perf_counter()
-            set_allocation(self.qmodel, allocation)
-            r = self._evaluate(self.qmodel, self.data, reference_logits=self.reference.logits)
-            self.calls += 1
-            self.seconds += time.perf_counter() - t0
-            self.last = r.to_dict()
-        value = getattr(r, self.metric)
-        if value is None:
-            raise BitsearchError(f"the evaluation gave no {self.metric}")
-        return float(value)
-
-
-def ptq_scorer(
-    model: Any, calibration: Any, eval_data: Any, quant_config: Any = None, metric: str = "top1"
-) -> PTQScorer:
-    """A scorer that measures an allocation by PTQ: `metric` of the fake-quantized model on `eval_data`.
-
-    `calibration`: input batches for activation ranges and data-driven weight clipping (may be None when no
-    allocation needs them). `eval_data`: an ArrayDataset, an (x, y) pair or an input tensor; keep it apart
-    from the data that will finally judge the result. `metric`: "top1" / "agreement" (maximised), "kl" /
-    "loss" (minimised); the scorer's `direction` tells the solver which.
-    """
-    return PTQScorer(model, calibration, eval_data, quant_config, metric)
-
-
-class QATScorer:
-    """Scores an allocation by a short quantization-aware fine-tuning run (`quant.qat.finetune`)."""
-
-    def __init__(self, model: Any, train_data: Any, eval_data: Any, recipe: Any = None, calibration: Any = None,
-                 metric: str = "top1"):
-        if metric not in ("top1", "loss"):
-            raise BitsearchError("a QAT scorer reports top1 or loss")
-        self.model, self.train_data, self.eval_data = model, train_data, eval_data
-        self.recipe, self.calibration, self.metric = recipe, calibration, metric
-        self.direction = SCORE_DIRECTIONS[metric]
-        self.last: dict[str, Any] = {}
-
-    def describe(self) -> dict[str, Any]:
-        r = self.recipe
-        return {"kind": "qat", "metric": self.metric, "recipe": None if r is None else r.to_dict()}
-
-    def __call__(self, allocation: Allocation) -> float:
-        from quant.qat import finetune
-
-        res = finetune(self.model, allocation, self.train_data, self.recipe, calibration=self.calibration,
-                       eval_data=self.eval_data)
-        self.last = dict(res.metrics)
-        return float(res.metrics[self.metric])
-
-
-def qat_scorer(model: Any, train_data: Any, eval_data: Any, recipe: Any = None, calibration: Any = None,
-               metric: str = "top1") -> QATScorer:
-    """A scorer that fine-tunes each allocation briefly (`recipe`, e.g. `QATRecipe(steps=100)`) and reports
-    `metric` on `eval_data`. Costly: one QAT run per trial."""
-    return QATScorer(model, train_data, eval_data, recipe, calibration, metric)
-
-
-# --- storage --------------------------------------------------------------------------------------------
-
-
-def _sqlalchemy_url(url: str) -> str:
-    # The app ships psycopg 3; SQLAlchemy reads a bare postgresql:// as psycopg2.
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def _check_foreign_database(url: str, engine_kwargs: dict[str, Any]) -> None:
-    """Refuse a database whose `alembic_version` belongs to another application (Optuna would adopt it)."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url, **engine_kwargs)
-    try:
-        names = set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-    if "alembic_version" in names and "version_info" not in names:
-        raise BitsearchError(
-            "this database already holds another application's migrations (alembic_version); Optuna would "
-            "take that table over. Give the study its own SQLite file, or a PostgreSQL schema (optuna_schema)"
-        )
-
-
-def make_storage(storage: Any, optuna_schema: str = "optuna") -> Any:
-    """An Optuna storage from a URL (or None: in memory; or an Optuna storage, returned as is)."""
-    import optuna
-
-    if storage is None:
-        return optuna.storages.InMemoryStorage()
-    if not isinstance(storage, str):
-        return storage
-    url = _sqlalchemy_url(storage)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60, "check_same_thread": False}}
-        path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
-        if path and path != ":memory:":
-            import sqlite3
-
-            # WAL (persistent in the file): readers do not block the worker that writes. Switching needs the
-            # file to itself, so a worker that opens it while another writes retries, then goes on without.
-            for attempt in range(10):
-                con = sqlite3.connect(path, timeout=60)
-                try:
-                    if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
-                        break
-                    con.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    time.sleep(0.1 * (attempt + 1))
-                finally:
-                    con.close()
-    elif url.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(url, pool_pre_ping=True)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{optuna_schema}"'))
-        finally:
-            engine.dispose()
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"options": f"-csearch_path={optuna_schema}"}}
-    _check_foreign_database(url, engine_kwargs)
-    last: Exception | None = None
-    for attempt in range(5):  # two workers creating the tables at once: the loser retries
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except Exception as exc:  # sqlalchemy's OperationalError / IntegrityError on a racing CREATE TABLE
-            last = exc
-            time.sleep(0.2 * (attempt + 1))
-    raise BitsearchError(f"cannot open the Optuna storage {storage!r}: {last}")
 
 
 # --- the solver -------------------------------------------------------------------------------------------
@@ -304,6 +123,41 @@ class _Measured:
     worker: str
 
 
+@dataclass
+class BayesSettings:
+    """The settings a search request gives bayes (`solver.settings`). The scorer is built from `scorer`:
+    "ptq" (PTQ on the selection data, default) or "qaft" (`qaft_steps` of QAT at `qaft_lr` on the training
+    data per trial); the study goes into the service's database. The rest are `BayesSolver` options."""
+
+    scorer: str = "ptq"
+    qaft_steps: int = 50
+    qaft_lr: float = 0.01
+    n_trials: int = 50
+    timeout: float | None = None
+    total_trials: int | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    cost_metric: str | None = None
+    warm_start: bool = True
+    warm_start_points: int = 5
+    n_startup_trials: int = 10
+    population_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scorer not in ("ptq", "qaft"):
+            raise BitsearchError(f"scorer must be 'ptq' or 'qaft', got {self.scorer!r}")
+        if isinstance(self.qaft_steps, bool) or not isinstance(self.qaft_steps, int) or self.qaft_steps < 1:
+            raise BitsearchError(f"qaft_steps must be a positive integer, got {self.qaft_steps!r}")
+        if isinstance(self.qaft_lr, bool) or not isinstance(self.qaft_lr, (int, float)) or not self.qaft_lr > 0:
+            raise BitsearchError(f"qaft_lr must be a positive number, got {self.qaft_lr!r}")
+        if self.sampler not in SAMPLERS:  # a sampler object is for Python callers only
+            raise BitsearchError(f"unknown sampler {self.sampler!r}; known: {list(SAMPLERS)}")
+        BayesSolver(**self.solver_options())  # the solver's own checks of the rest
+
+    def solver_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("scorer", "qaft_steps", "qaft_lr")}
+
+
 @register_solver
 class BayesSolver(Solver):
     """Multi-objective Bayesian search over measured allocations; see the module docstring.
@@ -323,8 +177,10 @@ class BayesSolver(Solver):
 
     name = "bayes"
     exact = False
-    # It scores allocations by measuring them: the search pipeline does not hand it a scorer.
-    capabilities = Capabilities(needs_scorer=True)
+    Config = BayesSettings  # what a search request may set (scorer and study come from the pipeline)
+    # It scores allocations by measuring them on labelled selection data; a search request gets its scorer
+    # (PTQ on the selection split, or a short QAFT: then it needs training data) from `search.measured`.
+    capabilities = Capabilities(needs_labels=True)
     supports_objective = False  # it optimises a measured score, not the table's objective
 
     def __init__(
@@ -709,4 +565,4 @@ def _describe(scorer: Any) -> Any:
     return None
 
 
-__all__ = ["BayesSolver", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]
+__all__ = ["BayesSettings", "BayesSolver", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]

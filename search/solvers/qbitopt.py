@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -315,6 +316,7 @@ def qbitopt_finetune(
     eval_data: Any = None,
     callbacks: Any = None,
     checkpoint_dir: Any = None,
+    resume_from: Any = None,
     printer: Callable[[str], None] | None = None,
 ) -> tuple[Any, Allocation]:
     """QAT with QBitOpt re-allocation; returns (QATResult, the final Allocation, within `budgets`).
@@ -324,6 +326,9 @@ def qbitopt_finetune(
     per-sample Fisher table of the float model on `sensitivity_samples` training items), or an Allocation
     (over budget is allowed: the first update replaces it). cost: a CostModel (default: the model's layers,
     the recipe's weight granularity). The other arguments go to `quant.qat.finetune` or the callback.
+    `resume_from` (a checkpoint of an interrupted run, e.g. in `checkpoint_dir`): training resumes there with
+    the allocation it had reached; the callback's running Fisher re-warms over `every_k` steps, and `history`
+    holds only the updates made after the resume (a caller that needs all of them keeps its own copy).
     """
     from quant.apply import QuantConfig
     from quant.cost import CostModel
@@ -373,7 +378,7 @@ def qbitopt_finetune(
                          weight_granularity=recipe.weight_granularity, printer=printer)
     extra = [] if callbacks is None else (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
     result = finetune(model, start, train_data, recipe, callbacks=[cb] + extra, calibration=calibration,
-                      eval_data=eval_data, checkpoint_dir=checkpoint_dir)
+                      eval_data=eval_data, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
     final = result.allocation
     check = cb.last_problem if cb.last_problem is not None else (factory(init_table) if init_table is not None else None)
     if check is not None:
@@ -390,15 +395,57 @@ def qbitopt_finetune(
 # --- the registered solver ---------------------------------------------------------------------------------
 
 
+@dataclass
+class QBitOptSettings:
+    """The settings a search request gives QBitOpt (`solver.settings`); the model, training data, budgets and
+    bit options come from the search itself. `recipe`: `QATRecipe` fields (steps, lr, ...)."""
+
+    every_k: int = 50
+    freeze_at: float = 0.75
+    solver: str = "knapsack"
+    ema: float = 0.9
+    min_gain: float = 0.0
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from quant.qat import QATRecipe
+
+        if isinstance(self.every_k, bool) or not isinstance(self.every_k, int) or self.every_k < 1:
+            raise BitsearchError(f"every_k must be a positive integer, got {self.every_k!r}")
+        if isinstance(self.freeze_at, bool) or not isinstance(self.freeze_at, (int, float)) or not 0 < self.freeze_at <= 1:
+            raise BitsearchError(f"freeze_at must be in (0, 1], got {self.freeze_at!r}")
+        if self.solver not in EXACT_SOLVERS:
+            raise BitsearchError(f"QBitOpt re-solves with one of {list(EXACT_SOLVERS)}, got {self.solver!r}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+            raise BitsearchError(f"ema must be in [0, 1), got {self.ema!r}")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or self.min_gain < 0:
+            raise BitsearchError(f"min_gain must be a non-negative number, got {self.min_gain!r}")
+        if not isinstance(self.recipe, dict):
+            raise BitsearchError("recipe must be an object of QATRecipe fields")
+        r = self.qat_recipe()
+        total = r.steps if r.steps is not None else None
+        if total is not None and self.every_k >= total * self.freeze_at:
+            raise BitsearchError(
+                f"every_k ({self.every_k}) must be below steps x freeze_at ({total} x {self.freeze_at}), "
+                "or QBitOpt never re-allocates"
+            )
+
+    def qat_recipe(self):
+        from quant.qat import QATRecipe
+
+        return QATRecipe.from_dict(self.recipe)
+
+
 @register_solver
 class QBitOptSolver(Solver):
     """QBitOpt as a solver entry: it trains, so it needs `model` and `train_data` (see the module docstring)."""
 
     name = "qbitopt"
     exact = False
-    # It re-allocates during QAT: it needs the model and a training set, which a search spec cannot pass.
-    capabilities = Capabilities(needs_train=True, needs_scorer=True)
+    # It re-allocates during QAT: a search request runs it through `search.measured` with its training data.
+    capabilities = Capabilities(needs_train=True, needs_labels=True)
     supports_objective = False
+    Config = QBitOptSettings  # what a search request may set (the service passes model and data itself)
 
     def __init__(
         self,
@@ -456,4 +503,4 @@ class QBitOptSolver(Solver):
         return RawResult(problem.compress(choice), notes=notes)
 
 
-__all__ = ["QBitOptCallback", "QBitOptSolver", "qbitopt_finetune"]
+__all__ = ["QBitOptCallback", "QBitOptSettings", "QBitOptSolver", "qbitopt_finetune"]

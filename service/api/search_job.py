@@ -126,7 +126,13 @@ def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         f = float(fraction) if isinstance(fraction, (int, float)) and fraction == fraction else 0.0
         ctx.progress(0.95 * min(1.0, max(0.0, f)), str(message)[:500])
 
-    outcome = pipeline.run_search(SearchSpec.parse(pipeline_spec(spec)), progress)
+    parsed = SearchSpec.parse(pipeline_spec(spec))
+    extra: dict[str, Any] = {}
+    if parsed.solver.name in ("bayes", "bomp-nas", "qbitopt"):  # measured: a study, checkpoints, trial jobs
+        from service.measured_search import measured_context
+
+        extra["measured_context"] = measured_context(sf, search_id or ctx.job_id, ctx)
+    outcome = pipeline.run_search(parsed, progress, **extra)
     ctx.progress(0.96, "storing results")
     if search_id is None:
         return JobOutput(outcome.to_dict())
@@ -214,8 +220,13 @@ def check_spec(spec: dict[str, Any]) -> SearchSpec:
     a search cannot give them."""
     from bitsearch.registry import check_runnable
 
+    from service.measured_search import check_servable, has_train_data
+
     s = SearchSpec.parse(pipeline_spec(spec))
-    check_runnable(s)
+    has_train = has_train_data(s)
+    check_servable(s.solver.name, s.solver.settings, model_ref=s.model, has_train=has_train,
+                   budgets=s.budget_texts())
+    check_runnable(s, has_train=has_train)
     check_against_model(s)
     return s
 
