@@ -598,7 +598,10 @@ def parse_scheme(name: str) -> WeightFormat:
     if key in _CACHE:
         return _CACHE[key]
     for cls in FORMATS.values():
-        fmt = cls.parse(key)
+        try:
+            fmt = cls.parse(key)
+        except BitsearchError as exc:
+            raise BitsearchError(f"weight scheme {name!r}: {exc}") from None
         if fmt is not None:
             _CACHE[key] = fmt
             return fmt

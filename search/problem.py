@@ -42,6 +42,7 @@ FEAS_RTOL = 1e-6
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     "avg_weight_bits": ("avg_weight_bits", "avg_wbits", "wbits", "avg_bits", "weight_bits", "bits"),
     "weight_memory": ("weight_memory", "weight_mem", "wmem", "model_size", "size", "memory", "mem"),
+    "bpw": ("bpw", "bits_per_weight", "effective_bits"),
     "bops": ("bops", "bitops", "bit_ops"),
     "peak_activation_memory": (
         "peak_activation_memory",
