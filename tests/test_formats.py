@@ -390,3 +390,38 @@ def test_sensitivity_options_carry_schemes_and_measured_prices_them():
         compute_sensitivity(model, x, "fisher", opts)
     with pytest.raises(BitsearchError, match="unknown weight scheme 'int5-fp'"):
         SensitivityOptions(schemes=("int5-fp",))
+
+
+# --- solvers budget bits per weight over scheme options ----------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["ilp", "knapsack", "exhaustive"])
+def test_solvers_respect_a_bpw_budget_over_schemes(solver):
+    import itertools
+
+    import numpy as np
+
+    from search import AllocationProblem, solve
+    from sensitivity.table import SensitivityTable
+
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 128), nn.Linear(128, 64))
+    layers = discover_layers(model, torch.randn(2, 256))
+    options = [LayerBits.of(s) for s in ("int2-g32", "int3-g64", "int4-g128", "mxfp4", "nvfp4", "fp8-e4m3")]
+    rng = np.random.default_rng(0)
+    base = np.array([4.0, 2.0, 1.0, 0.9, 0.6, 0.05])  # falls with the bits, as sensitivities do
+    values = base[None, :] * rng.uniform(0.5, 2.0, size=(3, 1))
+    table = SensitivityTable("test", layers, options, values)
+    cm = CostModel(layers)
+    problem = AllocationProblem(table, cm, budgets=["bpw=4.3"])
+    sol = solve(problem, solver)
+    alloc = Allocation({l.name: problem.options[j] for l, j in zip(layers, sol.choice)})
+    bpw = cm.cost(alloc).bpw
+    assert bpw <= 4.3 + 1e-9 and sol.metrics["bpw"] == pytest.approx(bpw)
+    # the best feasible allocation by enumeration
+    best = min(
+        (sum(values[i, j] for i, j in enumerate(c)), c)
+        for c in itertools.product(range(len(options)), repeat=3)
+        if cm.cost(Allocation({l.name: options[j] for l, j in zip(layers, c)})).bpw <= 4.3
+    )
+    got = sum(table.value(l.name, alloc[l.name]) for l in layers)
+    assert got == pytest.approx(best[0])
