@@ -425,3 +425,17 @@ def test_solvers_respect_a_bpw_budget_over_schemes(solver):
     )
     got = sum(table.value(l.name, alloc[l.name]) for l in layers)
     assert got == pytest.approx(best[0])
+
+
+def test_scheme_with_quantized_activations_and_bias_correction_on_a_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    alloc = Allocation({"0": LayerBits.of("int4-g16", 8), "2": LayerBits.of("mxfp4", 8)})
+    qm = apply_allocation(model, alloc, calibration=x, config=QuantConfig(bias_correction=True, weight_clip="mse"))
+    layers = quantized_layers(qm)
+    assert layers["2"].input_quant.bits == 8 and layers["2"].bias_correction is not None
+    assert layers["0"].weight_quant.clip_ratio is not None  # int groups searched a clipping ratio
+    with torch.no_grad():
+        out, ref = qm(x), model(x)
+    assert out.shape == ref.shape and 0 < float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
