@@ -29,7 +29,7 @@ from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, 
 import torch  # noqa: E402
 
 from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers  # noqa: E402
-from quant.apply import collect_statistics, wrap_model  # noqa: E402
+from quant.apply import collect_statistics, set_allocation, wrap_model  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
 from quant.formats import parse_scheme  # noqa: E402
 from quant.layers import LayerInfo  # noqa: E402
@@ -91,12 +91,18 @@ def main() -> None:
     fp_ok = fp.logits.argmax(1) == test.y
     print(f"FP32 {fp.top1:.2f} %", flush=True)
 
+    # one wrapped model per rounding; calibration statistics are gathered once and reused for every scheme
+    qmodels = {
+        r: apply_allocation(model, Allocation.uniform(names, LayerBits.of(SCHEMES[0])), calib,
+                            QuantConfig(weight_rounding=r, calibration_samples=256))
+        for r in ("nearest", "gptq")
+    }
     rows = []
     for s in SCHEMES:
         for rounding in ("nearest", "gptq"):
             t = time.perf_counter()
-            cfg = QuantConfig(weight_rounding=rounding, calibration_samples=256)
-            q = apply_allocation(model, Allocation.uniform(names, LayerBits.of(s)), calib, cfg)
+            q = qmodels[rounding]
+            set_allocation(q, Allocation.uniform(names, LayerBits.of(s)))
             with torch.no_grad():
                 qw = {l.name: l.quantized_weight().detach().flatten(1) for l in q.modules()
                       if hasattr(l, "quantized_weight")}

@@ -54,8 +54,9 @@ def _hinv_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     for attempt in range(5):
         try:
             low = torch.linalg.cholesky(h)
-            hinv = torch.cholesky_inverse(low)
-            return torch.linalg.cholesky(hinv, upper=True)
+            # H⁻¹ = L⁻ᵀ L⁻¹ by one triangular solve (several times faster than cholesky_inverse on CPU)
+            linv = torch.linalg.solve_triangular(low, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
+            return torch.linalg.cholesky(linv.T @ linv, upper=True)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             h.diagonal().add_(lam * 10**attempt)
     raise BitsearchError("GPTQ: the input Hessian is not positive definite even after damping")
