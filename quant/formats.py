@@ -185,8 +185,10 @@ class WeightFormat:
         raise NotImplementedError
 
     def qdq(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
-        """Quantize-dequantize x (rows, nb, k) with params broadcast over its last dim."""
-        raise NotImplementedError
+        """Quantize-dequantize x (rows, nb, k) with params broadcast over its last dim.
+
+        The default suits the scaled-element formats (FP8, MX, NVFP4): params[0] is the decoded scale."""
+        return self.codes(x, params) * params[0]
 
     def codes(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
         """The stored element values (integer codes or grid values) for x, shaped like x."""
@@ -394,9 +396,6 @@ class FP8Format(WeightFormat):
     def codes(self, x, params):
         return E4M3.quantize(x / params[0])
 
-    def qdq(self, x, params):
-        return self.codes(x, params) * params[0]
-
 
 # --- MX (OCP Microscaling) -------------------------------------------------------------------------------
 
@@ -458,9 +457,6 @@ class MXFormat(WeightFormat):
 
     def codes(self, x, params):
         return self.elem.quantize(x / params[0])
-
-    def qdq(self, x, params):
-        return self.codes(x, params) * params[0]
 
 
 # --- NVFP4 -----------------------------------------------------------------------------------------------
@@ -525,9 +521,6 @@ class NVFP4Format(WeightFormat):
         eff = params[0]
         safe = torch.where(eff > 0, eff, torch.ones_like(eff))
         return torch.where(eff > 0, E2M1.quantize(x / safe), torch.zeros_like(x))
-
-    def qdq(self, x, params):
-        return self.codes(x, params) * params[0]
 
 
 # --- the legacy options, so every option has a scheme name -----------------------------------------------

@@ -20,9 +20,6 @@ from torch import nn
 
 from .errors import BitsearchError
 
-if TYPE_CHECKING:
-    from .formats import WeightFormat
-
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 
 _EPS = 1e-12
@@ -270,6 +267,10 @@ class FloatQuantizer(Quantizer):
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.bits >= 32 else x.to(torch.float16)
+
+
+if TYPE_CHECKING:
+    from .formats import WeightFormat
 
 
 class SchemeQuantizer(Quantizer):

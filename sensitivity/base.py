@@ -105,11 +105,11 @@ class SensitivityMethod:
     """Interface of a sensitivity method."""
 
     name: ClassVar[str] = ""
-    covers_activations: ClassVar[bool] = False
-    needs_labels: ClassVar[bool] = False  # False: falls back to the model's own predictions
     #: True when the method prices every option of `SensitivityOptions.options` (named schemes included),
     #: not only integer bit-widths.
     supports_schemes: ClassVar[bool] = False
+    covers_activations: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False  # False: falls back to the model's own predictions
 
     def compute(self, ctx: SensitivityContext) -> SensitivityTable:
         raise NotImplementedError
@@ -136,14 +136,14 @@ def compute_sensitivity(
         raise BitsearchError(f"unknown sensitivity method {method!r}; known: {sorted(METHODS)}")
     options = options or SensitivityOptions()
     impl = METHODS[method]()
+    progress = progress or _no_progress
+    torch.manual_seed(options.seed)
     if options.schemes and not impl.supports_schemes:
         able = sorted(n for n, m in METHODS.items() if m.supports_schemes)
         raise BitsearchError(
             f"the {method!r} method prices integer bit-widths only, not the schemes {list(options.schemes)}; "
             f"use one of {able}"
         )
-    progress = progress or _no_progress
-    torch.manual_seed(options.seed)
     model = model.eval()
     x, y, data_info = _resolve_data(model, data, options, example_input, progress)
     if impl.needs_labels and y is None:
