@@ -326,10 +326,17 @@ class FixedWeightQuantizer(Quantizer):
     self_calibrating = True
 
     def __init__(self, qweight: torch.Tensor, source: torch.Tensor, fallback: Quantizer):
-        super().__init__(fallback.bits if fallback.bits <= 8 else 8, per_channel=True)
+        super().__init__(fallback.bits if fallback.bits <= 8 else 8, fallback.per_channel, fallback.ch_axis)
         self.register_buffer("qweight", qweight.detach().clone())
         self.fallback = fallback
+        # The grid of a calibrated integer quantizer is the one GPTQ rounded onto: readers of scale and
+        # zero point (exports) see it here, and `quantize` gives the exact integer codes of `qweight`.
+        self.scale = fallback.scale.detach().clone()
+        self.zero_point = fallback.zero_point.detach().clone()
         self._source = (source.data_ptr(), source._version)
+
+    def levels(self) -> tuple[int, int]:
+        return self.fallback.levels()
 
     def extra_repr(self) -> str:
         return "rounding=gptq"
@@ -344,4 +351,6 @@ class FixedWeightQuantizer(Quantizer):
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Codes of the GPTQ weight: exact for calibrated integer grids; a scheme re-derives its block
+        scales from the GPTQ weight (the scales GPTQ fitted on its updated weights are not kept)."""
         return self.fallback.quantize(self.qweight if self.matches(w) else w)

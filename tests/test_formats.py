@@ -439,3 +439,16 @@ def test_scheme_with_quantized_activations_and_bias_correction_on_a_conv():
     with torch.no_grad():
         out, ref = qm(x), model(x)
     assert out.shape == ref.shape and 0 < float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
+
+
+def test_gptq_on_a_legacy_integer_layer_keeps_its_grid():
+    torch.manual_seed(0)
+    model = TwoLinear().eval()
+    x = _data(256, seed=8)
+    qm = apply_allocation(model, Allocation.uniform(["fc1", "fc2"], "4"), calibration=x,
+                          config=QuantConfig(weight_rounding="gptq"))
+    wq = quantized_layers(qm)["fc1"].weight_quant
+    w = quantized_layers(qm)["fc1"].layer.weight.detach()
+    codes = wq.quantize(w)
+    assert int(codes.abs().max()) <= 7
+    assert torch.allclose(codes.float() * wq.scale[:, None], wq(w), atol=1e-6)  # qweight = codes × scale
