@@ -452,3 +452,20 @@ def test_gptq_on_a_legacy_integer_layer_keeps_its_grid():
     codes = wq.quantize(w)
     assert int(codes.abs().max()) <= 7
     assert torch.allclose(codes.float() * wq.scale[:, None], wq(w), atol=1e-6)  # qweight = codes × scale
+
+
+def test_measured_sensitivity_with_gptq_rounding():
+    from sensitivity.base import SensitivityOptions, compute_sensitivity
+
+    torch.manual_seed(0)
+    model = TwoLinear().eval()
+    x = _data(64, seed=9)
+    tables = {
+        r: compute_sensitivity(model, x, "measured", SensitivityOptions(
+            weight_bits=(3,), schemes=("int3-g32",), samples=64, batch_size=64,
+            quant=QuantConfig(weight_rounding=r, calibration_samples=64)))
+        for r in ("nearest", "gptq")
+    }
+    assert tables["gptq"].settings["quant"]["weight_rounding"] == "gptq"
+    # GPTQ lowers the measured damage of the wide first layer at both options (calibration = these inputs)
+    assert (tables["gptq"].values[0] < tables["nearest"].values[0]).all()
