@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import BitsearchError
-from .formats import WeightFormat, parse_scheme
 
 SCHEMA_NAME = "bitsearch.allocation"
 SCHEMA_VERSION = 2
@@ -26,6 +25,8 @@ VALID_BITS = INTEGER_BITS + FLOAT_BITS
 
 #: Weight quantizers an allocation may name per layer (None: the config's default for the bit-width).
 WEIGHT_QUANTIZERS = ("int", "ternary", "binary")
+
+from .formats import WeightFormat, parse_scheme  # noqa: E402  (kept apart from the imports above)
 
 
 def is_float_bits(bits: int) -> bool:
