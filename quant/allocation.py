@@ -26,7 +26,7 @@ VALID_BITS = INTEGER_BITS + FLOAT_BITS
 #: Weight quantizers an allocation may name per layer (None: the config's default for the bit-width).
 WEIGHT_QUANTIZERS = ("int", "ternary", "binary")
 
-from .formats import WeightFormat, parse_scheme  # noqa: E402  (kept apart from the imports above)
+from .formats import WeightFormat, parse_scheme  # noqa: E402
 
 
 def is_float_bits(bits: int) -> bool:
