@@ -351,13 +351,15 @@ def test_gptq_through_apply_allocation():
         QuantConfig(weight_rounding="awq")
 
 
-def test_gptq_result_gives_way_when_the_weight_changes():
+def _gptq_model(bits: str, seed: int) -> nn.Module:
+    """TwoLinear, GPTQ-rounded at `bits` in both layers from 256 samples drawn with `seed`."""
     torch.manual_seed(0)
-    model = TwoLinear().eval()
-    x = _data(256, seed=6)
-    qm = apply_allocation(model, Allocation.uniform(["fc1", "fc2"], "int4-g32"), calibration=x,
-                          config=QuantConfig(weight_rounding="gptq"))
-    layer = quantized_layers(qm)["fc1"]
+    return apply_allocation(TwoLinear().eval(), Allocation.uniform(["fc1", "fc2"], bits),
+                            calibration=_data(256, seed=seed), config=QuantConfig(weight_rounding="gptq"))
+
+
+def test_gptq_result_gives_way_when_the_weight_changes():
+    layer = quantized_layers(_gptq_model("int4-g32", seed=6))["fc1"]
     with torch.no_grad():
         layer.layer.weight.mul_(2.0)
     w = layer.layer.weight.detach()
@@ -442,11 +444,7 @@ def test_scheme_with_quantized_activations_and_bias_correction_on_a_conv():
 
 
 def test_gptq_on_a_legacy_integer_layer_keeps_its_grid():
-    torch.manual_seed(0)
-    model = TwoLinear().eval()
-    x = _data(256, seed=8)
-    qm = apply_allocation(model, Allocation.uniform(["fc1", "fc2"], "4"), calibration=x,
-                          config=QuantConfig(weight_rounding="gptq"))
+    qm = _gptq_model("4", seed=8)
     wq = quantized_layers(qm)["fc1"].weight_quant
     w = quantized_layers(qm)["fc1"].layer.weight.detach()
     codes = wq.quantize(w)
