@@ -13,7 +13,9 @@ from .errors import BitsearchError
 from .jsonfile import JsonFile
 
 SCHEMA_NAME = "bitsearch.allocation"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions `Allocation.from_dict` reads: 1 (no `scheme` field) and 2 (a layer may name its weight scheme).
+READ_VERSIONS = (1, 2)
 
 #: Bit-widths a layer may take. 16 and 32 mean "leave in floating point"; 1 is binary weights.
 INTEGER_BITS = tuple(range(1, 9))
@@ -22,6 +24,8 @@ VALID_BITS = INTEGER_BITS + FLOAT_BITS
 
 #: Weight quantizers an allocation may name per layer (None: the config's default for the bit-width).
 WEIGHT_QUANTIZERS = ("int", "ternary", "binary")
+
+from .formats import WeightFormat, parse_scheme  # noqa: E402
 
 
 def is_float_bits(bits: int) -> bool:
@@ -36,17 +40,26 @@ def check_bits(bits: Any, what: str) -> int:
 
 @dataclass(frozen=True)
 class LayerBits:
-    """The bit option of one layer: weight bits and input-activation bits.
+    """The bit option of one layer: weight bits (or a named weight scheme) and input-activation bits.
 
-    Options sort by (weight_bits, activation_bits, weight_quantizer), with no quantizer override first; the
+    `scheme` names a weight format of `quant.formats` ("int4-g128", "mxfp4", "nvfp4", "fp8-e4m3", ...);
+    `weight_bits` is then the scheme's element width. Without a scheme the option means what it meant in
+    schema version 1: integer weights realised by the `QuantConfig` (per channel, symmetric by default),
+    ternary/binary by `weight_quantizer`, float at 16/32. The legacy scheme names ("ternary", "binary",
+    "fp16", "fp32") are stored in that form, so each option has one spelling and compares equal to it.
+
+    Options sort by (weight_bits, activation_bits, weight_quantizer, scheme), the legacy option first; the
     ordering is written out by hand because the dataclass one compares None with a string and fails.
     """
 
     weight_bits: int
     activation_bits: int = 32
     weight_quantizer: str | None = None  # "ternary" (2-bit slot) or "binary" (1-bit) override
+    scheme: str | None = None  # a `quant.formats` scheme name; None: the QuantConfig's integer quantizer
 
     def __post_init__(self) -> None:
+        if self.scheme is not None:
+            self._normalise_scheme()
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.activation_bits, "activation_bits")
         if self.activation_bits == 1:
@@ -65,8 +78,51 @@ class LayerBits:
         if self.weight_quantizer == "binary" and self.weight_bits != 1:
             raise BitsearchError("a binary layer takes weight_bits 1")
 
-    def _sort_key(self) -> tuple[int, int, str]:
-        return (self.weight_bits, self.activation_bits, self.weight_quantizer or "")
+    def _normalise_scheme(self) -> None:
+        fmt = parse_scheme(self.scheme)  # type: ignore[arg-type]
+        if self.weight_quantizer not in (None, "int") or (
+            self.weight_quantizer == "int" and fmt.family != "int"
+        ):
+            raise BitsearchError(
+                f"scheme {fmt.name!r} and weight_quantizer {self.weight_quantizer!r} cannot both be given"
+            )
+        if fmt.element_bits != self.weight_bits:
+            raise BitsearchError(
+                f"scheme {fmt.name!r} stores {fmt.element_bits}-bit elements, but weight_bits is {self.weight_bits!r}"
+            )
+        if fmt.family == "legacy":
+            kind = fmt.name
+            object.__setattr__(self, "weight_quantizer", kind if kind in ("ternary", "binary") else None)
+            object.__setattr__(self, "scheme", None)
+        else:
+            object.__setattr__(self, "weight_quantizer", None)
+            object.__setattr__(self, "scheme", fmt.name)
+
+    @classmethod
+    def of(cls, scheme: str, activation_bits: int = 32) -> "LayerBits":
+        """The option of a named scheme: `LayerBits.of("int4-g128")`, `LayerBits.of("nvfp4", 8)`."""
+        return cls(parse_scheme(scheme).element_bits, activation_bits, None, scheme)
+
+    @property
+    def format(self) -> WeightFormat | None:
+        """The scheme's `quant.formats` format, or None for a legacy option."""
+        return parse_scheme(self.scheme) if self.scheme else None
+
+    @property
+    def scheme_name(self) -> str:
+        """A scheme name for every option: the scheme, or ternary/binary/fp16/fp32, or "int<b>" (config's)."""
+        if self.scheme:
+            return self.scheme
+        if self.weight_quantizer in ("ternary", "binary"):
+            return self.weight_quantizer
+        if is_float_bits(self.weight_bits):
+            return f"fp{self.weight_bits}"
+        if self.weight_bits == 1:
+            return "binary"
+        return f"int{self.weight_bits}"
+
+    def _sort_key(self) -> tuple[int, int, str, str]:
+        return (self.weight_bits, self.activation_bits, self.weight_quantizer or "", self.scheme or "")
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, LayerBits):
@@ -90,49 +146,73 @@ class LayerBits:
 
     @classmethod
     def parse(cls, text: str) -> "LayerBits":
-        """'4/8' -> W4A8, '4' -> weight-only W4 (activations float), 'fp' or '32' -> float."""
+        """'4/8' -> W4A8, '4' -> weight-only W4 (activations float), 'fp' or '32' -> float;
+        a scheme name for the weights: 'int4-g128', 'mxfp4/8', 'nvfp4/fp16'."""
         parts = [p.strip().lower() for p in str(text).split("/")]
         if len(parts) > 2 or not all(parts):
-            raise BitsearchError(f"bits must look like W or W/A (e.g. 4/8), got {text!r}")
+            raise BitsearchError(f"bits must look like W or W/A (e.g. 4/8, int4-g128/8), got {text!r}")
 
         def num(p: str) -> int:
             if p in ("fp", "fp32", "float"):
                 return 32
             if p == "fp16":
                 return 16
+            if p.startswith("a") and p[1:].isdigit():
+                p = p[1:]  # the "A8" of a scheme label
             try:
                 return int(p)
             except ValueError:
-                raise BitsearchError(f"bits must look like W or W/A (e.g. 4/8), got {text!r}") from None
+                raise BitsearchError(
+                    f"bits must look like W or W/A (e.g. 4/8, int4-g128/8), got {text!r}"
+                ) from None
 
-        w = num(parts[0])
         a = num(parts[1]) if len(parts) == 2 else 32
-        return cls(w, a)
+        w_text = parts[0]
+        if w_text in ("fp", "fp32", "float", "fp16") or w_text.isdigit():
+            return cls(num(w_text), a)
+        try:
+            fmt = parse_scheme(w_text)
+        except BitsearchError as exc:
+            raise BitsearchError(f"bits must look like W or W/A (e.g. 4/8, int4-g128/8), got {text!r}: {exc}") from None
+        return cls(fmt.element_bits, a, None, fmt.name)
 
     def label(self) -> str:
+        a = "fp" if is_float_bits(self.activation_bits) else str(self.activation_bits)
+        if self.scheme:
+            # Parses back: "int4-g128" (weight-only), "mxfp4/8".
+            return self.scheme if self.activation_bits == 32 else f"{self.scheme}/{'fp16' if a == 'fp' else a}"
         w = "fp" if is_float_bits(self.weight_bits) else str(self.weight_bits)
         if self.weight_quantizer == "ternary":
             w = "t"
-        a = "fp" if is_float_bits(self.activation_bits) else str(self.activation_bits)
         return f"W{w}A{a}"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
         if self.weight_quantizer:
             d["weight_quantizer"] = self.weight_quantizer
+        if self.scheme:
+            d["scheme"] = self.scheme
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "layer") -> "LayerBits":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "layer", version: int = SCHEMA_VERSION) -> "LayerBits":
         if not isinstance(d, Mapping):
             raise BitsearchError(f"{where}: expected an object with weight_bits, got {type(d).__name__}")
-        unknown = set(d) - {"weight_bits", "activation_bits", "weight_quantizer"}
+        allowed = {"weight_bits", "activation_bits", "weight_quantizer"} | ({"scheme"} if version >= 2 else set())
+        unknown = set(d) - allowed
         if unknown:
-            raise BitsearchError(f"{where}: unknown field(s) {sorted(unknown)}")
+            extra = " ('scheme' needs allocation schema version 2)" if "scheme" in unknown else ""
+            raise BitsearchError(f"{where}: unknown field(s) {sorted(unknown)}{extra}")
+        scheme = d.get("scheme")
+        if scheme is not None and not isinstance(scheme, str):
+            raise BitsearchError(f"{where}: scheme must be a string, got {scheme!r}")
         if "weight_bits" not in d:
-            raise BitsearchError(f"{where}: weight_bits is required")
+            if scheme is None:
+                raise BitsearchError(f"{where}: weight_bits is required")
         try:
-            return cls(d["weight_bits"], d.get("activation_bits", 32), d.get("weight_quantizer"))
+            if "weight_bits" not in d:
+                return cls.of(scheme, d.get("activation_bits", 32))  # type: ignore[arg-type]
+            return cls(d["weight_bits"], d.get("activation_bits", 32), d.get("weight_quantizer"), scheme)
         except BitsearchError as exc:
             raise BitsearchError(f"{where}: {exc}") from None
 
@@ -194,10 +274,10 @@ class Allocation(JsonFile):
             )
         version = d.get("version")
         # `type() is int`: JSON true and 1.0 compare equal to 1 in Python but are not a schema version.
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READ_VERSIONS:
             raise BitsearchError(
                 f"allocation schema version {version!r} is not supported "
-                f"(this bitsearch reads {SCHEMA_VERSION})"
+                f"(this bitsearch reads {', '.join(map(str, READ_VERSIONS))})"
             )
         layers = d.get("layers")
         if not isinstance(layers, Mapping) or not layers:
@@ -211,7 +291,7 @@ class Allocation(JsonFile):
         if model is not None and not isinstance(model, str):
             raise BitsearchError("'model' must be a string or null")
         return cls(
-            {str(n): LayerBits.from_dict(b, where=f"layer {n!r}") for n, b in layers.items()},
+            {str(n): LayerBits.from_dict(b, where=f"layer {n!r}", version=version) for n, b in layers.items()},
             model=model,
             metadata=dict(meta),
         )

@@ -20,10 +20,14 @@ from torch import nn
 from .allocation import Allocation, LayerBits, is_float_bits
 from .calibration import CLIP_METHODS, ClipContext, InputStats, calibrate_activation, clip_range
 from .errors import BitsearchError
+from .gptq import GPTQConfig, fixed_params_rounding, format_rounding, gptq_rounding
 from .layers import is_quantizable
-from .quantizers import QUANTIZERS, FloatQuantizer, Quantizer, make_quantizer
+from .quantizers import QUANTIZERS, FixedWeightQuantizer, FloatQuantizer, Quantizer, SchemeQuantizer, make_quantizer
 
 DATA_CLIPS = ("output_mse", "auto")  # weight clipping methods that need calibration data
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+#: With GPTQ rounding, full input second moments are kept up to this patch size (LLM MLPs reach 14k).
+GPTQ_MAX_COV_DIM = 16384
 
 
 @dataclass
@@ -40,8 +44,17 @@ class QuantConfig:
     stochastic_rounding: bool = False
     calibration_samples: int = 256
     batch_size: int = 64
+    #: "nearest" (round to nearest after clipping) or "gptq" (error-compensated, needs calibration data)
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
 
     def __post_init__(self) -> None:
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise BitsearchError(
+                f"unknown weight_rounding {self.weight_rounding!r}; known: {list(WEIGHT_ROUNDINGS)}"
+            )
+        GPTQConfig(self.gptq_damp, self.gptq_block_size)  # validates both
         if self.weight_quantizer not in QUANTIZERS:
             raise BitsearchError(f"unknown weight quantizer {self.weight_quantizer!r}; known: {sorted(QUANTIZERS)}")
         if self.activation_quantizer != "auto" and self.activation_quantizer not in QUANTIZERS:
@@ -107,6 +120,8 @@ class QuantizedLayer(nn.Module):
         kw = dict(per_channel=per_channel, ch_axis=0, stochastic=self.config.stochastic_rounding)
         if is_float_bits(bits.weight_bits):
             return FloatQuantizer(bits.weight_bits)
+        if bits.scheme is not None:
+            return SchemeQuantizer(bits.scheme)
         if bits.weight_quantizer == "ternary":
             return make_quantizer("ternary", 2, **kw)
         if bits.weight_bits == 1 or bits.weight_quantizer == "binary":
@@ -133,6 +148,9 @@ class QuantizedLayer(nn.Module):
         wq = self._make_weight_quantizer(bits)
         mean, ctx = (self.stats.weight_moments(self.layer) if self.stats else (None, ClipContext()))
         ctx.percentile = cfg.percentile
+        data_ctx = ctx
+        if isinstance(wq, SchemeQuantizer) and wq.format.clippable and cfg.weight_clip != "minmax":
+            wq.clip_ratio = wq.format.search_clip(w.flatten(1).cpu(), _column_weight(ctx, w))
         if not wq.self_calibrating:
             if cfg.weight_clip in DATA_CLIPS and self.stats is None:
                 raise BitsearchError(f"weight_clip {cfg.weight_clip!r} needs calibration data")
@@ -142,6 +160,8 @@ class QuantizedLayer(nn.Module):
             lo, hi = clip_range(cfg.weight_clip, rows, wq, ctx)
             wq.set_range(lo if wq.per_channel else lo[0], hi if wq.per_channel else hi[0])
         wq.to(w.device)
+        if cfg.weight_rounding == "gptq" and not is_float_bits(bits.weight_bits):
+            wq = self._gptq(w, wq, data_ctx)
         self.weight_quant = wq
         iq = self._make_input_quantizer(bits)
         if not iq.self_calibrating:
@@ -154,6 +174,31 @@ class QuantizedLayer(nn.Module):
             self.bias_correction = self._output_shift(wq(w) - w, mean)
         self.bits = bits
         self._wq_cache = None
+
+    def _gptq(self, w: torch.Tensor, wq: Quantizer, ctx: ClipContext) -> Quantizer:
+        """GPTQ-round the weight for `wq`'s scheme; ternary/binary (self-defined scales) stay as they are."""
+        cfg = self.config
+        if self.stats is None:
+            raise BitsearchError(f"layer {self.name!r}: weight_rounding 'gptq' needs calibration data")
+        if ctx.input_cov is None:
+            raise BitsearchError(
+                f"layer {self.name!r}: weight_rounding 'gptq' needs the full input second moment, which is "
+                f"kept for Linear and ungrouped Conv1d/Conv2d layers with at most {GPTQ_MAX_COV_DIM} inputs "
+                f"per output; use weight_rounding 'nearest' for this model"
+            )
+        w2 = w.flatten(1).float().cpu()
+        h = ctx.input_cov.float().cpu()
+        gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_block_size)
+        if isinstance(wq, SchemeQuantizer):
+            fit, qdq, g = format_rounding(wq.format, w2)
+        elif not wq.self_calibrating:
+            qmin, qmax = wq.levels()
+            fit, qdq = fixed_params_rounding(wq.scale.cpu(), wq.zero_point.cpu(), qmin, qmax, w2.shape[0])
+            g = None
+        else:
+            return wq
+        q = gptq_rounding(w2, h, fit, qdq, g, gcfg).reshape(w.shape).to(w.device, w.dtype)
+        return FixedWeightQuantizer(q, self.layer.weight, wq).to(w.device)
 
     def _output_shift(self, delta: torch.Tensor, mean: torch.Tensor) -> torch.Tensor | None:
         """E[ΔW·x]: the expected shift of each output channel that the weight error causes."""
@@ -181,7 +226,8 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             if self.stats is None:
-                self.stats = InputStats()
+                gptq = self.config.weight_rounding == "gptq"
+                self.stats = InputStats(max_cov_dim=GPTQ_MAX_COV_DIM) if gptq else InputStats()
             self.stats.update(self.layer, x)
             return self.layer(x)
         if self.bits is None:
@@ -190,6 +236,16 @@ class QuantizedLayer(nn.Module):
         if self.bias_correction is not None:
             b = self.bias_correction if b is None else b + self.bias_correction
         return _layer_forward(self.layer, self.input_quant(x), self.quantized_weight(), b)
+
+
+def _column_weight(ctx: ClipContext, w: torch.Tensor) -> torch.Tensor | None:
+    """E[x²] per input element of `w.flatten(1)` (1-D or per row), to weight a scheme's clipping search."""
+    d = w.flatten(1).shape[1]
+    if ctx.input_cov is not None and ctx.input_cov.shape[0] == d:
+        return torch.diagonal(ctx.input_cov).float().cpu()
+    if ctx.input_diag is not None and ctx.input_diag.shape[-1] == d:
+        return ctx.input_diag.float().cpu()
+    return None
 
 
 # --- model-level helpers ---------------------------------------------------------------------------
@@ -273,7 +329,10 @@ def collect_statistics(model: nn.Module, layers: dict[str, QuantizedLayer], data
 
 def needs_calibration(allocation: Allocation, config: QuantConfig) -> bool:
     acts = any(not is_float_bits(b.activation_bits) for b in allocation.layers.values())
-    return acts or config.weight_clip in DATA_CLIPS or config.bias_correction
+    gptq = config.weight_rounding == "gptq" and any(
+        not is_float_bits(b.weight_bits) for b in allocation.layers.values()
+    )
+    return acts or gptq or config.weight_clip in DATA_CLIPS or config.bias_correction
 
 
 def set_allocation(model: nn.Module, allocation: Allocation) -> None:

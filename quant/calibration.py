@@ -193,6 +193,7 @@ class InputStats:
     chan_n: int = 0
     chan_sum: torch.Tensor | None = None  # (C_in,)
     chan_sq: torch.Tensor | None = None  # (C_in,)
+    max_cov_dim: int = MAX_COV_DIM  # above this patch size only the diagonal of E[x xᵀ] is kept
 
     def values(self) -> torch.Tensor:
         return torch.cat(self.sample) if self.sample else torch.zeros(1)
@@ -218,7 +219,7 @@ class InputStats:
             d = patches.shape[1]
             s = patches.sum(0)
             self.patch_sum = s if self.patch_sum is None else self.patch_sum + s
-            sq = patches.T @ patches if d <= MAX_COV_DIM else patches.pow(2).sum(0)
+            sq = patches.T @ patches if d <= self.max_cov_dim else patches.pow(2).sum(0)
             self.patch_sq = sq if self.patch_sq is None else self.patch_sq + sq
             self.patch_n += patches.shape[0]
         else:

@@ -13,6 +13,13 @@ Conventions, chosen so that numbers match the usual papers and stay comparable b
   tensor, each `scale_bits` wide. Binary weights (1 bit, XNOR-style) always have per-channel scales, since
   that is how binary layers are defined; ternary (2-bit slot) follows the granularity like any integer layer.
 * Bias terms stay in high precision and are not counted (they are not in `LayerInfo.params`).
+* An option with a named weight scheme (`LayerBits.scheme`: int4-g128, mxfp4, nvfp4, fp8-e4m3, ...) stores
+  exactly what its `quant.formats` format says, scales and zero points included, whatever the model's
+  `scale_bits`/granularity: the weight is viewed as `weight.flatten(1)` (rows × the input elements one row
+  multiplies) and groups run along the inputs. BOPs use the scheme's element bits.
+* `bpw` (bits per weight) is the weight memory divided by the number of weights: the effective bits that
+  ModelOpt, AutoRound and llama.cpp budget, INT4 g128 with fp16 scales = 4.125, MXFP4 = 4.25, NVFP4 = 4.5
+  (+ 32 bits per tensor). `avg_weight_bits` is the nominal element width without any scale.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ from .errors import BitsearchError
 from .layers import LayerInfo
 
 #: The metrics a budget may constrain, in the units of `CostReport.metrics()`.
-METRICS = ("weight_memory", "avg_weight_bits", "bops", "peak_activation_memory", "latency")
+METRICS = ("weight_memory", "avg_weight_bits", "bpw", "bops", "peak_activation_memory", "latency")
 
 #: Metrics that add up over layers; the others (peak_activation_memory) combine by max.
-SUM_METRICS = ("weight_memory", "avg_weight_bits", "bops", "latency")
+SUM_METRICS = ("weight_memory", "avg_weight_bits", "bpw", "bops", "latency")
 MAX_METRICS = ("peak_activation_memory",)
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -187,6 +194,7 @@ class CostReport:
     bops: int
     peak_activation_bits: int  # a per-layer peak: the largest input-activation a single layer holds
     latency_s: float | None = None  # sum over layers; None without a latency table
+    bpw: float = 0.0  # weight_memory_bits / Σ params: bits per weight including scales and zero points
 
     @property
     def weight_memory_bytes(self) -> float:
@@ -201,6 +209,7 @@ class CostReport:
         return {
             "weight_memory": float(self.weight_memory_bits),
             "avg_weight_bits": self.avg_weight_bits,
+            "bpw": self.bpw,
             "bops": float(self.bops),
             "peak_activation_memory": float(self.peak_activation_bits),
             "latency": self.latency_s,
@@ -211,6 +220,7 @@ class CostReport:
             "weight_memory_bits": self.weight_memory_bits,
             "weight_memory_bytes": self.weight_memory_bytes,
             "avg_weight_bits": self.avg_weight_bits,
+            "bpw": self.bpw,
             "bops": self.bops,
             "peak_activation_bits": self.peak_activation_bits,
             "peak_activation_bytes": self.peak_activation_bytes,
@@ -287,17 +297,26 @@ class CostModel:
             return self._channels(layer)
         return 1
 
+    def storage_bits(self, layer: LayerInfo, bits: LayerBits) -> int:
+        """The layer's weight storage at `bits`, scales and zero points included."""
+        fmt = bits.format
+        if fmt is not None:
+            rows = layer.weight_shape[0] if layer.weight_shape else self._channels(layer)
+            return fmt.storage_bits(rows, max(1, layer.params // max(1, rows)))
+        return layer.params * bits.weight_bits + self._scale_count(layer, bits) * self.scale_bits
+
     # --- costing ---------------------------------------------------------------------------------------
     def layer_cost(self, name: str, bits: LayerBits) -> LayerCost:
         layer = self.layer(name)
         w, a = bits.weight_bits, bits.activation_bits
-        overhead = self._scale_count(layer, bits) * self.scale_bits
+        storage = self.storage_bits(layer, bits)
+        overhead = storage - layer.params * w
         return LayerCost(
             name=name,
             bits=bits,
             params=layer.params,
             macs=layer.macs,
-            weight_memory_bits=layer.params * w + overhead,
+            weight_memory_bits=storage,
             scale_overhead_bits=overhead,
             bops=layer.macs * w * a,
             activation_memory_bits=layer.input_numel * a,
@@ -314,6 +333,7 @@ class CostModel:
         out = {
             "weight_memory": float(c.weight_memory_bits),
             "avg_weight_bits": c.params * bits.weight_bits / self.total_params,
+            "bpw": c.weight_memory_bits / self.total_params,
             "bops": float(c.bops),
             "peak_activation_memory": float(c.activation_memory_bits),
         }
@@ -327,9 +347,11 @@ class CostModel:
         alloc.check_layers(self.layer_names)
         costs = [self.layer_cost(layer.name, alloc[layer.name]) for layer in self.layers]
         latency = sum(c.latency_s for c in costs) if self.latency_table else None  # type: ignore[misc]
+        memory = sum(c.weight_memory_bits for c in costs)
         return CostReport(
+            bpw=memory / self.total_params,
             layers=costs,
-            weight_memory_bits=sum(c.weight_memory_bits for c in costs),
+            weight_memory_bits=memory,
             avg_weight_bits=sum(c.params * c.bits.weight_bits for c in costs) / self.total_params,
             bops=sum(c.bops for c in costs),
             peak_activation_bits=max(c.activation_memory_bits for c in costs),
@@ -371,11 +393,12 @@ class CostModel:
         w = np.array([o.weight_bits for o in opts], dtype=np.float64)[None, :]
         a = np.array([o.activation_bits for o in opts], dtype=np.float64)[None, :]
         out: dict[str, np.ndarray] = {}
-        if "weight_memory" in wanted:
-            scales = np.array(
-                [[self._scale_count(layer, o) for o in opts] for layer in self.layers], dtype=np.float64
+        if "weight_memory" in wanted or "bpw" in wanted:
+            storage = np.array(
+                [[self.storage_bits(layer, o) for o in opts] for layer in self.layers], dtype=np.float64
             )
-            out["weight_memory"] = params * w + scales * self.scale_bits
+            out["weight_memory"] = storage
+            out["bpw"] = storage / self.total_params
         if "avg_weight_bits" in wanted:
             out["avg_weight_bits"] = params * w / self.total_params
         if "bops" in wanted:

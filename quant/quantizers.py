@@ -13,7 +13,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -266,3 +266,90 @@ class FloatQuantizer(Quantizer):
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.bits >= 32 else x.to(torch.float16)
+
+
+if TYPE_CHECKING:
+    from .formats import WeightFormat
+
+
+class SchemeQuantizer(Quantizer):
+    """A weight scheme of `quant.formats` (group INT, FP8, MXFP4, NVFP4) as a quantizer module.
+
+    Scales come from the weight itself (block maxima, as the formats define them), optionally shrunk per
+    block by a clipping ratio found at calibration (`clip_ratio`, integer schemes only). The forward pass is
+    the format's exact fake quantization with a straight-through gradient. Weights are viewed as
+    `w.flatten(1)` (rows × input elements), the layout the formats' groups run along.
+    """
+
+    name = "scheme"
+    self_calibrating = True
+
+    def __init__(self, scheme: "str | WeightFormat", clip_ratio: torch.Tensor | None = None):
+        from .formats import parse_scheme
+
+        fmt = parse_scheme(scheme)
+        super().__init__(fmt.element_bits, per_channel=True)
+        self.format = fmt
+        self.register_buffer("clip_ratio", None if clip_ratio is None else clip_ratio.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.format.name!r}, clipped={self.clip_ratio is not None}"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        out = self.format.fake_quant(w.detach().flatten(1), self.clip_ratio).reshape(w.shape).to(w.dtype)
+        return w + (out - w).detach()
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored element values: integer codes for INT schemes, grid values for the float ones."""
+        from .formats import _blocks
+
+        fmt = self.format
+        w2 = w.detach().float().flatten(1)
+        rows, cols = w2.shape
+        b = _blocks(w2, fmt.group_size(cols))
+        ratio = None if self.clip_ratio is None else self.clip_ratio.reshape(rows, -1, 1)
+        codes = fmt.codes(b, fmt.fit(b, fmt.tensor_params(w2), ratio)).reshape(rows, -1)[:, :cols]
+        codes = codes.reshape(w.shape)
+        return codes.to(torch.int32) if fmt.family == "int" else codes
+
+
+class FixedWeightQuantizer(Quantizer):
+    """Returns a precomputed quantized weight (GPTQ's), while the weight is the one it was computed from.
+
+    Once the weight changes (QAT steps), the stored result no longer applies and `fallback` (round to
+    nearest in the same scheme) is used instead.
+    """
+
+    name = "fixed"
+    self_calibrating = True
+
+    def __init__(self, qweight: torch.Tensor, source: torch.Tensor, fallback: Quantizer):
+        super().__init__(fallback.bits if fallback.bits <= 8 else 8, fallback.per_channel, fallback.ch_axis)
+        self.register_buffer("qweight", qweight.detach().clone())
+        self.fallback = fallback
+        # The grid of a calibrated integer quantizer is the one GPTQ rounded onto: readers of scale and
+        # zero point (exports) see it here, and `quantize` gives the exact integer codes of `qweight`.
+        self.scale = fallback.scale.detach().clone()
+        self.zero_point = fallback.zero_point.detach().clone()
+        self._source = (source.data_ptr(), source._version)
+
+    def levels(self) -> tuple[int, int]:
+        return self.fallback.levels()
+
+    def extra_repr(self) -> str:
+        return "rounding=gptq"
+
+    def matches(self, w: torch.Tensor) -> bool:
+        return (w.data_ptr(), w._version) == self._source and w.shape == self.qweight.shape
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.matches(w):
+            return self.fallback(w)
+        return w + (self.qweight.to(w.dtype) - w).detach()
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Codes of the GPTQ weight: exact for calibrated integer grids; a scheme re-derives its block
+        scales from the GPTQ weight (the scales GPTQ fitted on its updated weights are not kept)."""
+        return self.fallback.quantize(self.qweight if self.matches(w) else w)

@@ -34,6 +34,7 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
         "activation_memory",
     ),
     "latency": ("latency", "lat"),
+    "bpw": ("bpw", "bits_per_weight", "effective_bits"),
 }
 _ALIAS_TO_METRIC = {alias: m for m, aliases in METRIC_ALIASES.items() for alias in aliases}
 

@@ -47,23 +47,32 @@ class SensitivityOptions:
     seed: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)  # how each option is realised
     params: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    #: Named weight schemes (`quant.formats`: "int4-g128", "mxfp4", "nvfp4", "fp8-e4m3", ...) priced besides
+    #: `weight_bits`; each is combined with every activation option. Set weight_bits=() for schemes only.
+    schemes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.weight_bits = tuple(check_bits(b, "weight bit option") for b in self.weight_bits)
         self.activation_bits = tuple(check_bits(b, "activation bit option") for b in self.activation_bits)
-        if not self.weight_bits or not self.activation_bits:
-            raise BitsearchError("at least one weight and one activation bit option are needed")
+        if isinstance(self.schemes, str):
+            self.schemes = (self.schemes,)
+        self.schemes = tuple(dict.fromkeys(LayerBits.of(s).scheme_name for s in self.schemes))
+        if not (self.weight_bits or self.schemes) or not self.activation_bits:
+            raise BitsearchError("at least one weight (bits or scheme) and one activation bit option are needed")
         if self.samples < 1 or self.batch_size < 1:
             raise BitsearchError("samples and batch_size must be positive")
 
     @property
     def options(self) -> list[LayerBits]:
-        return [LayerBits(w, a) for w, a in itertools.product(self.weight_bits, self.activation_bits)]
+        legacy = [LayerBits(w, a) for w, a in itertools.product(self.weight_bits, self.activation_bits)]
+        named = [LayerBits.of(s, a) for s, a in itertools.product(self.schemes, self.activation_bits)]
+        return legacy + [o for o in named if o not in legacy]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["quant"] = self.quant.to_dict()
         d["weight_bits"], d["activation_bits"] = list(self.weight_bits), list(self.activation_bits)
+        d["schemes"] = list(self.schemes)
         return d
 
 
@@ -95,6 +104,9 @@ class SensitivityMethod:
     """Interface of a sensitivity method."""
 
     name: ClassVar[str] = ""
+    #: True when the method prices every option of `SensitivityOptions.options` (named schemes included),
+    #: not only integer bit-widths.
+    supports_schemes: ClassVar[bool] = False
     covers_activations: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False  # False: falls back to the model's own predictions
     #: What the method needs from a run (checked by `POST /search` before queueing).
@@ -132,6 +144,12 @@ def compute_sensitivity(
     impl = METHODS[method]()
     progress = progress or _no_progress
     torch.manual_seed(options.seed)
+    if options.schemes and not impl.supports_schemes:
+        able = sorted(n for n, m in METHODS.items() if m.supports_schemes)
+        raise BitsearchError(
+            f"the {method!r} method prices integer bit-widths only, not the schemes {list(options.schemes)}; "
+            f"use one of {able}"
+        )
     model = model.eval()
     x, y, data_info = _resolve_data(model, data, options, example_input, progress)
     if impl.needs_labels and y is None:

@@ -193,6 +193,7 @@ class MeasuredSensitivity(SensitivityMethod):
     name = "measured"
     covers_activations = True
     needs_labels = False
+    supports_schemes = True  # every option is realised by QuantizedLayer.set_bits
 
     @dataclass
     class Config:
@@ -237,6 +238,7 @@ class MeasuredSensitivity(SensitivityMethod):
             any(not is_float_bits(o.activation_bits) for o in options)
             or config.weight_clip in DATA_CLIPS
             or config.bias_correction
+            or config.weight_rounding == "gptq"
         )
         if needs_stats:
             collect_statistics(qmodel, wrappers, ctx.x, config)

@@ -98,7 +98,7 @@ def test_to_dict_shape():
     a = Allocation(layers, model="m", metadata={"k": 1})
     assert a.to_dict() == {
         "schema": "bitsearch.allocation",
-        "version": 1,
+        "version": 2,
         "model": "m",
         "layers": {
             "conv1": {"weight_bits": 8, "activation_bits": 8},  # no weight_quantizer when it is the default
@@ -230,7 +230,7 @@ def test_layer_bits_sort_with_and_without_quantizer():
     [
         ({"schema": "bitsearch.alloc"}, "not an allocation: 'schema' must be 'bitsearch.allocation'"),
         ({"schema": None}, "not an allocation"),
-        ({"version": 2}, "version 2 is not supported"),
+        ({"version": 3}, "version 3 is not supported"),
         ({"version": 0}, "version 0 is not supported"),
         ({"version": "1"}, "version '1' is not supported"),
         ({"version": None}, "version None is not supported"),

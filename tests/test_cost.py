@@ -88,7 +88,7 @@ def test_discovered_layers_match_the_architecture(layers):
 
 
 def test_metric_names():
-    assert METRICS == ("weight_memory", "avg_weight_bits", "bops", "peak_activation_memory", "latency")
+    assert METRICS == ("weight_memory", "avg_weight_bits", "bpw", "bops", "peak_activation_memory", "latency")
 
 
 # --- weight memory -----------------------------------------------------------------------------------------
@@ -261,6 +261,7 @@ def test_report_to_dict_is_json(model):
     assert r.metrics() == {
         "weight_memory": r.weight_memory_bits,
         "avg_weight_bits": r.avg_weight_bits,
+        "bpw": r.weight_memory_bits / model.total_params,
         "bops": r.bops,
         "peak_activation_memory": r.peak_activation_bits,
         "latency": None,
@@ -416,7 +417,7 @@ OPTIONS = [
 
 def test_option_table_shape_and_values(model):
     t = model.option_table(OPTIONS)
-    assert list(t) == ["weight_memory", "avg_weight_bits", "bops", "peak_activation_memory"]
+    assert list(t) == ["weight_memory", "avg_weight_bits", "bpw", "bops", "peak_activation_memory"]
     for arr in t.values():
         assert arr.shape == (20, len(OPTIONS)) and arr.dtype == np.float64
     j = OPTIONS.index(LayerBits(8, 8))

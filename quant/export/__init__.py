@@ -1,0 +1,1 @@
+"""Exports of a quantized model or an allocation to deployment formats."""
