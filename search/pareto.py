@@ -56,6 +56,14 @@ class ParetoPoint:
     optimal: bool | None = None  # the solver proved it optimal for its budget
     label: str | None = None  # e.g. "W4A32" for a uniform point
     measured: dict[str, float | None] = field(default_factory=dict)  # filled by `measure_front`
+    #: The same figures on the report data (`measure_front(..., role="report")`); never used to choose.
+    report: dict[str, float | None] = field(default_factory=dict)
+    #: role ("selection", "report") -> figure -> [low, high] interval of the mean (see `search.selection`).
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: role -> per-item values ("correct", "ce", "agree", "kl"), for paired tests; not serialized.
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    #: What `search.refine` did to reach this point, when it produced it.
+    refinement: dict[str, Any] | None = None
 
     def value(self, metric: str) -> float:
         return self.metrics[canonical_metric(metric)]
@@ -68,6 +76,9 @@ class ParetoPoint:
             "predicted": self.predicted,
             "metrics": self.metrics,
             "measured": self.measured,
+            "report": self.report,
+            "intervals": self.intervals,
+            "refinement": self.refinement,
             "within_budgets": self.within_budgets,
             "optimal": self.optimal,
             "allocation": self.allocation.to_dict(),
@@ -86,6 +97,9 @@ class ParetoPoint:
                 optimal=d.get("optimal"),
                 label=d.get("label"),
                 measured=dict(d.get("measured") or {}),
+                report=dict(d.get("report") or {}),
+                intervals=dict(d.get("intervals") or {}),
+                refinement=d.get("refinement"),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise BitsearchError(f"malformed Pareto point: {exc}") from None
@@ -105,6 +119,7 @@ class ParetoFront:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     reference: dict[str, Any] | None = None  # the FP32 model's measurement, from `measure_front`
+    report_reference: dict[str, Any] | None = None  # the same on the report data
 
     def candidates(self) -> list[ParetoPoint]:
         """Every point, mixed and uniform."""
@@ -122,6 +137,7 @@ class ParetoFront:
             "seconds": self.seconds,
             "notes": list(self.notes),
             "reference": self.reference,
+            "report_reference": self.report_reference,
             "points": [p.to_dict() for p in self.points],
             "uniform": [p.to_dict() for p in self.uniform],
         }
@@ -149,6 +165,7 @@ class ParetoFront:
             seconds=float(d.get("seconds", 0.0)),
             notes=list(d.get("notes") or []),
             reference=d.get("reference"),
+            report_reference=d.get("report_reference"),
         )
 
     @classmethod
@@ -342,8 +359,15 @@ def measure_front(
     eval_data: Any,
     quant_config: Any = None,
     progress: Callable[[float, str], None] | None = None,
+    role: str = "selection",
+    confidence: float = 0.95,
 ) -> ParetoFront:
     """A copy of `front` with every point (mixed and uniform) measured by post-training quantization.
+
+    `role`: "selection" (default) fills `measured` and `reference` (the figures a recommendation is chosen
+    by); "report" fills `report` and `report_reference` (figures only shown, on data disjoint from the
+    selection data). Either way each point keeps its per-item values in `samples[role]` (for the paired
+    tests of `search.selection.select`) and the `confidence` intervals of its figures in `intervals[role]`.
 
     The model is wrapped and calibrated once (`quant.apply.wrap_model` + `collect_statistics`); each point
     then only re-derives the quantizers (`set_allocation`) and runs `eval_data` (held-out: not the
@@ -357,8 +381,15 @@ def measure_front(
     data = _as_dataset(eval_data, "eval_data")
     out = copy.deepcopy(front)
     candidates = out.candidates()
+    from .selection import point_intervals
+
+    if role not in ("selection", "report"):
+        raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
     ref = evaluate(model, data)
-    out.reference = ref.to_dict()
+    if role == "selection":
+        out.reference = ref.to_dict()
+    else:
+        out.report_reference = ref.to_dict()
     qmodel = copy.deepcopy(model).eval()
     layers = wrap_model(qmodel, config)
     if any(needs_calibration(p.allocation, config) for p in candidates):
@@ -368,7 +399,13 @@ def measure_front(
     for i, p in enumerate(candidates):
         set_allocation(qmodel, p.allocation)
         r = evaluate(qmodel, data, reference_logits=ref.logits)
-        p.measured = r.to_dict()
+        if role == "selection":
+            p.measured = r.to_dict()
+        else:
+            p.report = r.to_dict()
+        p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
+        if r.n > 1:
+            p.intervals[role] = point_intervals(p.samples[role], confidence)
         if progress is not None:
             progress((i + 1) / len(candidates), f"measured {i + 1}/{len(candidates)}")
     return out
