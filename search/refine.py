@@ -46,9 +46,9 @@ class RefineConfig:
     """Settings of the refinement stage (validated)."""
 
     enabled: bool = True
-    max_passes: float = 60.0  # measurement budget: full forward passes over the tuning data
+    max_passes: float = 60.0  # measurement budget: full forward passes over the tuning data (guard: its share)
     max_rounds: int = 8
-    verify_per_round: int = 6  # candidate moves measured for real per round
+    verify_per_round: int = 4  # candidate moves measured for real per round
     batch_size: int = 256
 
     def __post_init__(self) -> None:

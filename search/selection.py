@@ -13,9 +13,12 @@ on that slice. So:
   metric* (top-1 with labels, top-1 agreement with FP32 without) and one mixed contender by the smooth
   *surrogate* (mean KL to FP32: far lower variance, so choosing by it costs little selection bias). The
   contender replaces the uniform baseline only when its paired advantage on the ranking metric is
-  significant at `confidence` (default 95 %): an exact McNemar test (two-sided binomial test on the
-  discordant items) for 0/1 metrics, a paired bootstrap interval that excludes zero otherwise. One test per
-  budget, so no multiple-comparison correction is needed. The evidence (Δ against the baseline with its
+  significant at `confidence` (default 95 %): an exact McNemar test (binomial test on the discordant items)
+  for 0/1 metrics, the paired bootstrap otherwise. The test is one-sided by default (`alternative=
+  "greater"`: the only question asked is whether the mixed allocation is *better*; under the null of no
+  advantage it still picks mixed at most 5 % of the time); `alternative="two-sided"` is stricter. Intervals
+  shown are two-sided at `confidence`, with the one-sided bound beside them. One test per budget, so no
+  multiple-comparison correction is needed. The evidence (Δ against the baseline with its
   interval and n, on selection and on report data, and the reason) travels with the recommendation.
 - How often the surrogate and the metric disagree is counted (pairs of candidates ordered differently).
 """
@@ -159,16 +162,20 @@ class PairedTest:
     confidence: float
     method: str
     larger_is_better: bool = True
+    alternative: str = "greater"  # "greater": one-sided (a better than b); "two-sided"
+    bound: float | None = None  # one-sided bound at `confidence` (lower when larger is better)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "n": self.n, "delta": self.delta, "ci": [self.low, self.high],
-                "p_value": self.p_value, "significant": self.significant, "confidence": self.confidence,
-                "method": self.method}
+                "one_sided_bound": self.bound, "p_value": self.p_value, "alternative": self.alternative,
+                "significant": self.significant, "confidence": self.confidence, "method": self.method}
 
     def describe(self) -> str:
         half = (self.high - self.low) / 2
         unit = " points" if self.metric in ("top1", "agreement") else ""
-        return f"{self.delta:+.2f} ± {half:.2f}{unit} ({self.confidence:.0%}, n={self.n})"
+        p = "" if self.p_value is None else f", {'one' if self.alternative == 'greater' else 'two'}-sided " \
+            f"p={self.p_value:.2g}"
+        return f"{self.delta:+.2f} ± {half:.2f}{unit} ({self.confidence:.0%} interval, n={self.n}{p})"
 
 
 def paired_test(
@@ -180,13 +187,15 @@ def paired_test(
     scale: float | None = None,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    alternative: str = "greater",
 ) -> PairedTest:
     """Paired comparison of two models' per-item values on the same items (a − b).
 
-    0/1 values (correctness, agreement): exact McNemar test — a two-sided binomial test on the items where
-    exactly one of the two is right — decides significance; the interval is the paired bootstrap's
-    percentile interval. Continuous values (KL, cross-entropy): significant when the paired bootstrap
-    interval excludes zero in the better direction. `scale` multiplies Δ and the interval (default: 100 for
+    0/1 values (correctness, agreement): exact McNemar test — a binomial test on the items where exactly
+    one of the two is right — decides significance; the interval is the paired bootstrap's percentile
+    interval. Continuous values (KL, cross-entropy): significant when the paired bootstrap bound excludes
+    zero in the better direction. `alternative`: "greater" (one-sided: is a *better* than b, in the
+    direction `larger_is_better` gives) or "two-sided". `scale` multiplies Δ and the interval (default: 100 for
     0/1 values, so they read in points of percent).
     """
     x = np.asarray(a, dtype=np.float64)
@@ -198,6 +207,9 @@ def paired_test(
         raise BitsearchError(f"a paired test needs at least 2 items, got {n}")
     alpha = 1.0 - confidence
     _z(confidence)  # validates
+    if alternative not in ("greater", "two-sided"):
+        raise BitsearchError(f"alternative must be 'greater' or 'two-sided', got {alternative!r}")
+    one_sided = alternative == "greater"
     d = x - y
     binary = _is_binary(x) and _is_binary(y)
     scale = (100.0 if binary else 1.0) if scale is None else scale
@@ -208,16 +220,20 @@ def paired_test(
         draws = rng.multinomial(n, counts / n, size=resamples)
         means = (draws[:, 2] - draws[:, 0]) / n
         wins, losses = int(counts[2]), int(counts[0])
+        if not larger_is_better:
+            wins, losses = losses, wins
         if wins + losses == 0:
             p = 1.0
         else:
             from scipy.stats import binomtest
 
-            p = float(binomtest(wins, wins + losses, 0.5).pvalue)
+            p = float(binomtest(wins, wins + losses, 0.5,
+                                alternative="greater" if one_sided else "two-sided").pvalue)
         delta = float(d.mean())
         better = delta > 0 if larger_is_better else delta < 0
         significant = better and p < alpha
-        method = "exact McNemar (two-sided binomial on discordant items); paired bootstrap interval"
+        method = (f"exact McNemar ({'one' if one_sided else 'two'}-sided binomial test on the discordant items); "
+                  "paired bootstrap interval")
     else:
         means = np.empty(resamples)
         chunk = max(1, 2_000_000 // n)
@@ -227,12 +243,14 @@ def paired_test(
             means[s : s + k] = d[idx].mean(axis=1)
         delta = float(d.mean())
         p = None
-        lo_, hi_ = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+        a_ = alpha if one_sided else alpha / 2
+        lo_, hi_ = np.quantile(means, [a_, 1 - a_])
         significant = bool(lo_ > 0) if larger_is_better else bool(hi_ < 0)
-        method = "paired bootstrap percentile interval"
+        method = f"paired bootstrap ({'one' if one_sided else 'two'}-sided)"
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    bound = float(np.quantile(means, alpha if larger_is_better else 1 - alpha)) * scale
     return PairedTest(metric, n, delta * scale, float(lo) * scale, float(hi) * scale, p, bool(significant),
-                      confidence, method, larger_is_better)
+                      confidence, method, larger_is_better, alternative, bound)
 
 
 # --- selection -----------------------------------------------------------------------------------------------
@@ -284,6 +302,8 @@ class Evidence:
     recommended_report: dict[str, Any] | None  # the recommendation's own figures on report data, with CIs
     disagreement: dict[str, Any] = field(default_factory=dict)
     n_candidates: int = 0
+    baseline_point: Any = field(default=None, repr=False, compare=False)  # the points themselves
+    contender_point: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,6 +344,7 @@ def select(
     role: str = "selection",
     report_role: str = "report",
     seed: int = 0,
+    alternative: str = "greater",
 ) -> tuple[Any, Evidence]:
     """The recommended point at `budget` (plus the front's own budgets) and its evidence.
 
@@ -368,18 +389,16 @@ def select(
         if uniform else None
     contender = min(mixed, key=lambda p: (_mean(p, role, sk), -_mean(p, role, rk), cost(p))) if mixed else None
 
-    has_report = all(_samples(p, report_role, rk) is not None for p in cands)
-
     def test(a: Any, b: Any, r: str, key: str, larger: bool, name: str) -> PairedTest | None:
         va, vb = _samples(a, r, key), _samples(b, r, key)
         if va is None or vb is None:
             return None
-        return paired_test(va, vb, name, confidence, larger_is_better=larger, seed=seed)
+        return paired_test(va, vb, name, confidence, larger_is_better=larger, seed=seed, alternative=alternative)
 
     sel = rep = sur = None
     if baseline is not None and contender is not None:
         sel = test(contender, baseline, role, rk, True, ranking)
-        rep = test(contender, baseline, report_role, rk, True, ranking) if has_report else None
+        rep = test(contender, baseline, report_role, rk, True, ranking)
         sur = test(contender, baseline, role, sk, False, surrogate)
         if sel.significant:
             chosen, kind = contender, "mixed"
@@ -399,7 +418,7 @@ def select(
         reason = "no uniform allocation meets the budget: the mixed allocation with the lowest " \
                  f"{surrogate} is recommended without a uniform baseline"
     rec_report = None
-    if has_report:
+    if _samples(chosen, report_role, rk) is not None:
         rec_report = {"n": int(len(_samples(chosen, report_role, rk)))}
         for key in (rk, sk):
             v = _samples(chosen, report_role, key)
@@ -422,6 +441,8 @@ def select(
         recommended_report=rec_report,
         disagreement=disagreement(cands, role, rk, sk),
         n_candidates=len(cands),
+        baseline_point=baseline,
+        contender_point=contender,
     )
     return chosen, ev
 
@@ -447,6 +468,114 @@ __all__ = [
     "mean_interval",
     "paired_test",
     "point_intervals",
+    "recommend_with_evidence",
     "select",
     "split_roles",
 ]
+
+
+# --- the whole measured stage of a search ----------------------------------------------------------------
+
+
+def recommend_with_evidence(
+    front: Any,
+    problem: Any,
+    requested: Sequence[Budget],
+    model: Any,
+    calibration: Any,
+    selection_data: Any,
+    report_data: Any = None,
+    quant_config: Any = None,
+    refine_settings: Any = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    solver: str = "ilp",
+    progress: Any = None,
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Refine at the requested budgets, measure every candidate, and select with evidence.
+
+    1. At the `requested` budgets (all together, plus `problem`'s own budgets) the solver's allocation (the
+       front's best predicted point that meets them; else `solver` is run, label "solver") is refined unless
+       `refine_settings.enabled` is false (label "refined"; KL measured on `calibration`, which needs no
+       labels, guarded on `selection_data`).
+    2. Every candidate is measured on `selection_data` (role "selection") and, when given, on
+       `report_data` (role "report"; intervals on every point).
+    3. One recommendation per swept budget of the front and one for the requested budgets: `select`.
+
+    Returns (measured front, recommendations [{"budget", "point", "evidence"}], costs by stage).
+    """
+    import time
+
+    from .pareto import measure_front
+    from .refine import RefineConfig, refine, refined_point
+    from .solvers import solve
+
+    progress = progress or (lambda f, m: None)
+    settings = refine_settings if isinstance(refine_settings, RefineConfig) else RefineConfig.from_dict(
+        refine_settings)
+    costs: dict[str, Any] = {}
+    extra = []
+    if requested:
+        at = problem.with_budgets(list(problem.budgets) + [b for b in requested
+                                                           if b.metric not in {x.metric for x in problem.budgets}])
+        limit = next((b.limit for b in requested if b.metric == front.metric), None)
+        # The solver's own answer at the budget: the front's best predicted point that meets it (the sweep
+        # solves at the requested budget too), else a fresh solve.
+        fitting = [p for p in front.points if not at.violations(at.choice_of(p.allocation))]
+        if fitting:
+            start = min(fitting, key=lambda p: p.predicted)
+        else:
+            t = time.perf_counter()
+            sol = solve(at, solver)
+            costs["solve_at_budget"] = {"seconds": time.perf_counter() - t}
+            from .pareto import ParetoPoint
+
+            start = ParetoPoint(sol.allocation, sol.objective, sol.metrics, kind="mixed", budget=limit,
+                                optimal=sol.optimal, label="solver")
+            extra.append(start)
+        if settings.enabled and calibration is not None:
+            r = refine(at, start.allocation, model, calibration, calibration, selection_data, quant_config,
+                       settings, progress=lambda f, m: progress(0.4 * f, m))
+            costs["refine"] = {**r.cost, "steps": len(r.steps), "stopped": r.stopped}
+            if r.steps:
+                extra.append(refined_point(at, r, limit))
+    out = copy_front_with(front, extra)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = measure_front(out, model, calibration, selection_data, quant_config, role="selection",
+                        confidence=confidence, progress=lambda f, m: progress(0.4 + 0.3 * f, m))
+    costs["measure_selection"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                  "passes": len(out.candidates()), "samples": len(selection_data)}
+    if report_data is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = measure_front(out, model, calibration, report_data, quant_config, role="report",
+                            confidence=confidence, progress=lambda f, m: progress(0.7 + 0.3 * f, m))
+        costs["measure_report"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                   "passes": len(out.candidates()), "samples": len(report_data)}
+    recs: list[dict[str, Any]] = []
+    sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
+    for limit in sweep:
+        point, ev = select(out, f"{out.metric}={limit}", confidence)
+        recs.append({"budget": {"metric": out.metric, "limit": limit}, "point": point.to_dict(),
+                     "evidence": ev.to_dict()})
+    if requested:
+        point, ev = select(out, list(requested), confidence)
+        recs.append({"budget": "requested", "budgets": [b.to_dict() for b in requested], "point": point.to_dict(),
+                     "evidence": ev.to_dict()})
+    return out, recs, costs
+
+
+def copy_front_with(front: Any, extra: Sequence[Any]) -> Any:
+    """A copy of `front` with `extra` mixed points added (repeats of an existing allocation dropped)."""
+    import copy
+
+    out = copy.deepcopy(front)
+
+    def key(p: Any) -> tuple:
+        return tuple(sorted((n, b.label()) for n, b in p.allocation.layers.items()))
+
+    seen = {key(p) for p in out.candidates()}
+    for p in extra:
+        if key(p) not in seen:
+            seen.add(key(p))
+            out.points.append(p)
+    out.points.sort(key=lambda p: (p.metrics[out.metric], p.predicted))
+    return out

@@ -147,7 +147,7 @@ def seed_everything(seed: int) -> None:
 SEARCH_FIELDS = {
     "model", "weights", "data", "calib_data", "calib_size", "eval_limit", "seed", "budgets", "weight_bits",
     "activation_bits", "constraints", "method", "method_params", "samples", "solver", "solver_params", "pareto",
-    "pareto_metric", "quant", "measure", "latency_table", "keep_first_last",
+    "pareto_metric", "quant", "measure", "latency_table", "keep_first_last", "refine", "confidence", "selection",
 }
 
 
@@ -177,6 +177,12 @@ class SearchSpec:
     quant: dict[str, Any] = field(default_factory=dict)
     measure: bool = True
     latency_table: dict[str, Any] | None = None
+    # Measured stage (search.selection / search.refine): the evaluation data are split at random into a
+    # selection part (fraction or count; the recommendation is chosen there) and a report part (only
+    # measured); a mixed point replaces uniform only on a significant paired advantage at `confidence`.
+    refine: bool | dict[str, Any] = True  # interaction-aware refinement at the requested budgets
+    confidence: float = 0.95
+    selection: float | int = 0.5
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpec":
@@ -196,6 +202,14 @@ class SearchSpec:
         spec.budgets = budgets
         if not isinstance(spec.pareto, int) or isinstance(spec.pareto, bool) or not 1 <= spec.pareto <= 500:
             raise BitsearchError("pareto must be an integer number of points within 1..500")
+        from search.refine import RefineConfig
+        from search.selection import split_roles
+
+        RefineConfig.from_dict(spec.refine)  # validates
+        if isinstance(spec.confidence, bool) or not isinstance(spec.confidence, (int, float)) \
+                or not 0.5 <= spec.confidence < 1:
+            raise BitsearchError(f"confidence must be a number in [0.5, 1), got {spec.confidence!r}")
+        split_roles(1000, spec.selection)  # validates the fraction or count
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +223,8 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
     import time
 
     from quant.cost import CostModel
-    from search import AllocationProblem, Constraints, measure_front, pareto_front, parse_budgets, recommend
+    from search import AllocationProblem, Constraints, pareto_front, parse_budgets
+    from search.selection import recommend_with_evidence, split_roles
     from search.problem import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
 
@@ -250,6 +265,9 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
     timings["solve"] = time.perf_counter() - t
 
     recommendations: list[dict[str, Any]] = []
+    stage_costs_out: dict[str, Any] = {}
+    data_roles: dict[str, Any] = {"calibration": len(inputs.calibration) if inputs.calibration is not None else 0}
+    notes = list(inputs.notes)
     if s.measure and inputs.evaluation is not None:
         t = time.perf_counter()
         calib = None if data_free else inputs.calibration
@@ -257,18 +275,18 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
             from sensitivity.datafree import distill_inputs
 
             calib = distill_inputs(inputs.loaded.model, inputs.loaded.example_input, s.calib_size, seed=s.seed)
-        front = measure_front(front, inputs.loaded.model, calib, inputs.evaluation, config,
-                              progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
+        ev = inputs.evaluation
+        roles = split_roles(len(ev), s.selection, seed=s.seed)
+        selection = ev.subset(roles.selection)
+        report = ev.subset(roles.report) if roles.honest else None
+        data_roles.update(roles.sizes())
+        if roles.note:
+            notes.append(roles.note)
+        front, recommendations, stage_costs = recommend_with_evidence(
+            front, problem, budgets, inputs.loaded.model, calib, selection, report, config, s.refine,
+            s.confidence, progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
         timings["measure"] = time.perf_counter() - t
-        # one recommendation per swept budget (the front's own budgets stay in force)
-        sweep = sorted({p.budget for p in front.points if p.budget is not None})
-        for limit in sweep:
-            rec = recommend(front, f"{metric}={limit}")
-            recommendations.append({"budget": {"metric": metric, "limit": limit}, "point": rec.to_dict()})
-        if budgets:
-            rec = recommend(front, budgets)
-            recommendations.append({"budget": "requested", "budgets": [b.to_dict() for b in budgets],
-                                    "point": rec.to_dict()})
+        stage_costs_out.update(stage_costs)
     progress(1.0, "done")
     return {
         "spec": s.to_dict(),
@@ -277,5 +295,7 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
         "front": front.to_dict(),
         "recommendations": recommendations,
         "timings": timings,
-        "notes": inputs.notes + list(front.notes),
+        "data": data_roles,
+        "costs": stage_costs_out,
+        "notes": notes + list(front.notes),
     }

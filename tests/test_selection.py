@@ -74,7 +74,11 @@ def test_paired_test_exact_mcnemar_and_interval():
     losses = int(((a == 0) & (b == 1)).sum())
     from scipy.stats import binomtest
 
-    assert t.p_value == pytest.approx(binomtest(wins, wins + losses, 0.5).pvalue)
+    assert t.p_value == pytest.approx(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+    two = paired_test(a, b, alternative="two-sided")
+    assert two.p_value == pytest.approx(binomtest(wins, wins + losses, 0.5).pvalue)
+    assert two.p_value > t.p_value
+    assert t.bound > t.low and two.low == t.low  # the one-sided bound is tighter than the interval's end
     assert t.delta == pytest.approx((wins - losses) / 20.0)  # points of percent
     assert t.low < t.delta < t.high and t.n == 2000
     assert t.significant == (t.p_value < 0.05)
@@ -83,7 +87,9 @@ def test_paired_test_exact_mcnemar_and_interval():
     # continuous values: the bootstrap interval decides, in the direction given
     kl_a, kl_b = rng.random(500) * 0.1, rng.random(500) * 0.1 + 0.05
     lower = paired_test(kl_a, kl_b, "kl", larger_is_better=False)
-    assert lower.significant and lower.high < 0 and lower.p_value is None
+    assert lower.significant and lower.high < 0 and lower.p_value is None and lower.bound < 0
+    assert not paired_test(kl_b, kl_a, "kl", larger_is_better=False).significant  # worse is never significant
+    assert not paired_test(b, a).significant
     with pytest.raises(BitsearchError, match="same items"):
         paired_test(a, b[:10])
     with pytest.raises(BitsearchError, match="confidence"):
@@ -284,3 +290,44 @@ def test_refinement_respects_pins_ties_and_its_budget_of_passes(digits):
         RefineConfig(max_passes=0)
     with pytest.raises(BitsearchError, match="unknown refine"):
         RefineConfig.from_dict({"passes": 3})
+
+
+# --- the search pipeline ---------------------------------------------------------------------------------
+
+
+def _search(**kw):
+    from service.pipeline import run_search
+
+    spec = {"model": "zoo:digits-mlp", "data": "zoo:digits", "budgets": ["avg_wbits=4"], "weight_bits": [2, 4, 8],
+            "pareto": 3, "calib_size": 64, "method": "fisher", **kw}
+    return run_search(spec)
+
+
+def test_search_selects_on_one_part_reports_on_another_and_carries_evidence():
+    out = _search(refine={"max_passes": 12})
+    d = out["data"]
+    assert d["honest"] and d["selection"] + d["report"] == d["total"] == 360 and d["selection"] == 180
+    req = next(r for r in out["recommendations"] if r["budget"] == "requested")
+    ev = req["evidence"]
+    assert ev["recommended"] in ("mixed", "uniform") and ev["reason"]
+    assert ev["selection"]["n"] == 180 and ev["report"]["n"] == 180
+    assert ev["recommended_report"]["top1"]["ci"][0] <= ev["recommended_report"]["top1"]["value"]
+    assert req["point"]["metrics"]["avg_weight_bits"] <= 4 + 1e-9
+    assert req["point"]["report"]["n"] == 180 and "report" in req["point"]["intervals"]
+    assert all("selection" in p["intervals"] for p in out["front"]["points"] + out["front"]["uniform"])
+    assert out["costs"]["refine"]["passes"] <= 12 and out["costs"]["measure_report"]["samples"] == 180
+    assert all(isinstance(v, float) for v in out["timings"].values())
+
+
+def test_a_search_on_too_little_data_says_so_and_refinement_can_be_turned_off():
+    out = _search(eval_limit=120, refine=False)
+    assert not out["data"]["honest"] and out["data"]["report"] == 0
+    assert any("too few" in n and "not an out-of-sample accuracy" in n for n in out["notes"])
+    req = next(r for r in out["recommendations"] if r["budget"] == "requested")
+    assert req["evidence"]["report"] is None and "refine" not in out["costs"]
+    with pytest.raises(BitsearchError, match="confidence"):
+        _search(confidence=1.5)
+    with pytest.raises(BitsearchError, match="refine"):
+        _search(refine={"max_passes": -1})
+    with pytest.raises(BitsearchError, match="selection"):
+        _search(selection=0)
