@@ -180,6 +180,8 @@ def run_setting(name, model, layers, calib, tune, sel_data, meas, wbits, abits, 
             "evidence": ev.to_dict(),
             "bits": "/".join(rec.allocation[n].label() for n in [l.name for l in layers]),
             "refined_bits": "/".join(refined.allocation[n].label() for n in [l.name for l in layers]),
+            "contender_bits": "/".join(ev.contender_point.allocation[n].label() for n in [l.name for l in layers])
+            if ev.contender_point is not None else None,
             "candidates": len(cand.candidates()),
             "clock": {"solve": solve_clock, "refine": ref_clock, "measure_selection": measure_clock,
                       "select": select_clock},

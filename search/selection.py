@@ -463,6 +463,7 @@ __all__ = [
     "MIN_ROLE_ITEMS",
     "PairedTest",
     "RoleSplit",
+    "SelectedPoint",
     "check_disjoint",
     "disagreement",
     "mean_interval",
@@ -490,7 +491,7 @@ def recommend_with_evidence(
     confidence: float = DEFAULT_CONFIDENCE,
     solver: str = "ilp",
     progress: Any = None,
-) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[Any, list["SelectedPoint"], dict[str, Any]]:
     """Refine at the requested budgets, measure every candidate, and select with evidence.
 
     1. At the `requested` budgets (all together, plus `problem`'s own budgets) the solver's allocation (the
@@ -501,7 +502,7 @@ def recommend_with_evidence(
        `report_data` (role "report"; intervals on every point).
     3. One recommendation per swept budget of the front and one for the requested budgets: `select`.
 
-    Returns (measured front, recommendations [{"budget", "point", "evidence"}], costs by stage).
+    Returns (measured front, recommendations (`SelectedPoint`), costs by stage).
     """
     import time
 
@@ -550,17 +551,34 @@ def recommend_with_evidence(
                             confidence=confidence, progress=lambda f, m: progress(0.7 + 0.3 * f, m))
         costs["measure_report"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                                    "passes": len(out.candidates()), "samples": len(report_data)}
-    recs: list[dict[str, Any]] = []
+    recs: list[SelectedPoint] = []
     sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
     for limit in sweep:
-        point, ev = select(out, f"{out.metric}={limit}", confidence)
-        recs.append({"budget": {"metric": out.metric, "limit": limit}, "point": point.to_dict(),
-                     "evidence": ev.to_dict()})
+        b = [Budget(out.metric, limit)]
+        point, ev = select(out, b, confidence)
+        recs.append(SelectedPoint(b, False, point, ev))
     if requested:
         point, ev = select(out, list(requested), confidence)
-        recs.append({"budget": "requested", "budgets": [b.to_dict() for b in requested], "point": point.to_dict(),
-                     "evidence": ev.to_dict()})
+        recs.append(SelectedPoint(list(requested), True, point, ev))
     return out, recs, costs
+
+
+@dataclass
+class SelectedPoint:
+    """One recommendation of `recommend_with_evidence`: the budgets it meets, whether they are the requested
+    ones (else one swept budget of the front), the point and its evidence."""
+
+    budgets: list[Budget]
+    requested: bool
+    point: Any
+    evidence: Evidence
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.requested:
+            head: dict[str, Any] = {"budget": "requested", "budgets": [b.to_dict() for b in self.budgets]}
+        else:
+            head = {"budget": self.budgets[0].to_dict()}
+        return {**head, "point": self.point.to_dict(), "evidence": self.evidence.to_dict()}
 
 
 def copy_front_with(front: Any, extra: Sequence[Any]) -> Any:

@@ -282,9 +282,10 @@ def run_search(spec: dict[str, Any] | SearchSpec, progress: Callable[[float, str
         data_roles.update(roles.sizes())
         if roles.note:
             notes.append(roles.note)
-        front, recommendations, stage_costs = recommend_with_evidence(
+        front, selected, stage_costs = recommend_with_evidence(
             front, problem, budgets, inputs.loaded.model, calib, selection, report, config, s.refine,
             s.confidence, progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
+        recommendations = [r.to_dict() for r in selected]
         timings["measure"] = time.perf_counter() - t
         stage_costs_out.update(stage_costs)
     progress(1.0, "done")
