@@ -25,15 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, RESULTS, machine, require_shared, write_result
 
-from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, RESULTS, machine, require_shared, write_result  # noqa: E402
-
-from quant import Allocation, LayerBits, discover_layers  # noqa: E402
-from quant.cost import CostModel  # noqa: E402
-from quant.qat import QATRecipe, finetune  # noqa: E402
-from search.selection import mean_interval, paired_test, split_roles  # noqa: E402
-from zoo import evaluate, load_model, load_npz  # noqa: E402
+from quant import Allocation, LayerBits, discover_layers
+from quant.cost import CostModel
+from quant.qat import QATRecipe, finetune
+from search.selection import mean_interval, paired_test, split_roles
+from zoo import evaluate, load_model, load_npz
 
 
 def parse_label(text: str) -> LayerBits:
@@ -83,7 +82,9 @@ def main() -> None:
         results[label] = (res, r)
         print(f"{label}: {r.top1:.2f} % on report after {res.steps} steps ({res.seconds:.0f} s)", flush=True)
     (ru, eu), (rm, em) = results["uniform"], results["mixed"]
-    d = paired_test(em.per_sample["correct"].numpy(), eu.per_sample["correct"].numpy(), alternative="two-sided")
+    d = paired_test(
+        em.per_sample["correct"].numpy(), eu.per_sample["correct"].numpy(), alternative="two-sided"
+    )
 
     def fig(r):
         lo, hi = mean_interval(r.per_sample["correct"].numpy(), 0.95, 100.0)
@@ -91,19 +92,26 @@ def main() -> None:
 
     cmd = "python bench/qat_mixed.py" + "".join(f" {a}" for a in sys.argv[1:])
     lines = [
-        "# QAT end to end: searched mixed W/A against uniform W3A4 at the same size and BOPs", "",
-        __doc__.split("\n\n", 2)[2].strip(), "",
+        "# QAT end to end: searched mixed W/A against uniform W3A4 at the same size and BOPs",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
         f"Mixed allocation ({args.which} of `{args.budget}`, recommended kind there: {row['rec_kind']}): "
         f"{cm.avg_weight_bits:.3f} avg weight bits, {cm.bops / 1e9:.3f} GBOPs; uniform W3A4: "
-        f"{cu.avg_weight_bits:.3f}, {cu.bops / 1e9:.3f} GBOPs.", "",
-        "| model | top-1 on report after QAT [95 %] | steps | training s |", "| --- | ---: | ---: | ---: |",
+        f"{cu.avg_weight_bits:.3f}, {cu.bops / 1e9:.3f} GBOPs.",
+        "",
+        "| model | top-1 on report after QAT [95 %] | steps | training s |",
+        "| --- | ---: | ---: | ---: |",
         f"| uniform W3A4 | {fig(eu)} | {ru.steps} | {ru.train_seconds:.0f} |",
-        f"| mixed | {fig(em)} | {rm.steps} | {rm.train_seconds:.0f} |", "",
+        f"| mixed | {fig(em)} | {rm.steps} | {rm.train_seconds:.0f} |",
+        "",
         f"Paired Δ mixed − uniform on the {d.n:,} report images: **{d.delta:+.2f}** points, 95 % interval "
         f"[{d.low:+.2f}, {d.high:+.2f}], exact McNemar two-sided p = {d.p_value:.3g}. Goal (mixed ≥ uniform + 1.0 "
         f"after the same steps): {'met' if d.delta >= 1.0 else '**not met**'} (one training seed each; run-to-run "
-        "spread of QAT is not in this interval).", "",
-        "Layers (" + ", ".join(names) + "): `" + row[key] + "`", "",
+        "spread of QAT is not in this interval).",
+        "",
+        "Layers (" + ", ".join(names) + "): `" + row[key] + "`",
+        "",
         f"Command: `.venv/bin/{cmd}` ({time.perf_counter() - t0:.0f} s). Machine: {machine()}; shared with other "
         "jobs, so wall-clock figures are on a loaded machine.",
     ]

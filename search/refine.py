@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from quant.allocation import Allocation, LayerBits, is_float_bits
+from quant.allocation import Allocation, is_float_bits
 from quant.errors import BitsearchError
 
 from .problem import AllocationProblem
@@ -46,7 +47,9 @@ class RefineConfig:
     """Settings of the refinement stage (validated)."""
 
     enabled: bool = True
-    max_passes: float = 60.0  # measurement budget: full forward passes over the tuning data (guard: its share)
+    max_passes: float = (
+        60.0  # measurement budget: full forward passes over the tuning data (guard: its share)
+    )
     max_rounds: int = 8
     verify_per_round: int = 4  # candidate moves measured for real per round
     batch_size: int = 256
@@ -58,13 +61,16 @@ class RefineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BitsearchError(f"refine.{name} must be a positive integer, got {v!r}")
-        if isinstance(self.max_passes, bool) or not isinstance(self.max_passes, (int, float)) \
-                or not self.max_passes > 0:
+        if (
+            isinstance(self.max_passes, bool)
+            or not isinstance(self.max_passes, (int, float))
+            or not self.max_passes > 0
+        ):
             raise BitsearchError(f"refine.max_passes must be a positive number, got {self.max_passes!r}")
         self.max_passes = float(self.max_passes)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "RefineConfig":
+    def from_dict(cls, d: Any) -> RefineConfig:
         if d is None:
             return cls()
         if isinstance(d, bool):
@@ -78,8 +84,13 @@ class RefineConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "max_passes": self.max_passes, "max_rounds": self.max_rounds,
-                "verify_per_round": self.verify_per_round, "batch_size": self.batch_size}
+        return {
+            "enabled": self.enabled,
+            "max_passes": self.max_passes,
+            "max_rounds": self.max_rounds,
+            "verify_per_round": self.verify_per_round,
+            "batch_size": self.batch_size,
+        }
 
 
 @dataclass
@@ -97,9 +108,16 @@ class RefineResult:
     stopped: str = ""
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "kl_start": self.kl_start, "kl_end": self.kl_end,
-                "guard_metric": self.guard_metric, "guard_start": self.guard_start, "guard_end": self.guard_end,
-                "cost": self.cost, "stopped": self.stopped}
+        return {
+            "steps": self.steps,
+            "kl_start": self.kl_start,
+            "kl_end": self.kl_end,
+            "guard_metric": self.guard_metric,
+            "guard_start": self.guard_start,
+            "guard_end": self.guard_end,
+            "cost": self.cost,
+            "stopped": self.stopped,
+        }
 
 
 def _neighbours(problem: AllocationProblem, g: int, j: int) -> list[int]:
@@ -111,8 +129,13 @@ def _neighbours(problem: AllocationProblem, g: int, j: int) -> list[int]:
     out: list[int] = []
     for axis in ("weight_bits", "activation_bits"):
         other = "activation_bits" if axis == "weight_bits" else "weight_bits"
-        same = [k for k in allowed if getattr(opts[k], other) == getattr(cur, other)
-                and opts[k].weight_quantizer == cur.weight_quantizer and getattr(opts[k], axis) != getattr(cur, axis)]
+        same = [
+            k
+            for k in allowed
+            if getattr(opts[k], other) == getattr(cur, other)
+            and opts[k].weight_quantizer == cur.weight_quantizer
+            and getattr(opts[k], axis) != getattr(cur, axis)
+        ]
         up = [k for k in same if getattr(opts[k], axis) > getattr(cur, axis)]
         down = [k for k in same if getattr(opts[k], axis) < getattr(cur, axis)]
         if up:
@@ -228,8 +251,10 @@ def refine(
         # 1. one-step moves of every variable, measured with the others at their current options
         moves: list[tuple[int, int, float]] = []  # (variable, option, mean ΔKL)
         planned = [(g, _neighbours(problem, g, int(vc[g]))) for g in range(problem.n_vars)]
-        cost_round = sum(macs_before[first_layer[g]] * (1 if nb else 0) + (1 - macs_before[first_layer[g]]) * len(nb)
-                         for g, nb in planned)
+        cost_round = sum(
+            macs_before[first_layer[g]] * (1 if nb else 0) + (1 - macs_before[first_layer[g]]) * len(nb)
+            for g, nb in planned
+        )
         if passes + cost_round + 1.0 > cfg.max_passes:
             stopped = f"measurement budget reached ({passes:.1f} of {cfg.max_passes:g} passes)"
             break
@@ -258,7 +283,9 @@ def refine(
             measured_moves += len(nb)
             for m, k in enumerate(nb):
                 moves.append((g, k, float((torch.cat(deltas[m]) - base_kl).mean())))
-            progress(min(0.99, passes / cfg.max_passes), f"refine round {rounds}: measured {gi + 1}/{len(planned)}")
+            progress(
+                min(0.99, passes / cfg.max_passes), f"refine round {rounds}: measured {gi + 1}/{len(planned)}"
+            )
         # 2. candidate moves: singles that fit alone, and pairs on two variables, by predicted ΔKL
         cands: list[tuple[float, tuple[tuple[int, int], ...]]] = []
         for g, k, d in moves:
@@ -304,13 +331,22 @@ def refine(
             new_guard = guard_value(new_choice)
             if g_cur is not None and new_guard is not None and new_guard < g_cur:
                 continue
-            steps.append({
-                "round": rounds,
-                "moves": [{"layers": [problem.layer_names[i] for i in problem.groups[g]],
-                           "from": problem.options[int(vc[g])].label(), "to": problem.options[k].label()}
-                          for g, k in mv],
-                "predicted_dkl": predicted, "kl": new_kl, "guard": new_guard,
-            })
+            steps.append(
+                {
+                    "round": rounds,
+                    "moves": [
+                        {
+                            "layers": [problem.layer_names[i] for i in problem.groups[g]],
+                            "from": problem.options[int(vc[g])].label(),
+                            "to": problem.options[k].label(),
+                        }
+                        for g, k in mv
+                    ],
+                    "predicted_dkl": predicted,
+                    "kl": new_kl,
+                    "guard": new_guard,
+                }
+            )
             choice, base_kl, kl, g_cur = new_choice, new_base, new_kl, new_guard
             touched.update(g for g, _ in mv)
             kept = True
@@ -334,8 +370,9 @@ def refine(
     }
     progress(1.0, f"refined: {len(steps)} move(s) kept, KL {kl_start:.4g} -> {kl:.4g}")
     allocation = problem.to_allocation(choice, refined=True)
-    return RefineResult(allocation, choice, start_choice, steps, kl_start, kl, guard_metric, guard_start, g_cur,
-                        cost, stopped)
+    return RefineResult(
+        allocation, choice, start_choice, steps, kl_start, kl, guard_metric, guard_start, g_cur, cost, stopped
+    )
 
 
 def _fits_sums(problem: AllocationProblem, var_choice: np.ndarray, metrics: list[str]) -> bool:
@@ -353,8 +390,15 @@ def refined_point(problem: AllocationProblem, result: RefineResult, budget: floa
     from .pareto import ParetoPoint
 
     predicted, metrics = problem.evaluate(result.choice)
-    return ParetoPoint(allocation=result.allocation, predicted=predicted, metrics=metrics, kind="mixed",
-                       budget=budget, label="refined", refinement=result.summary())
+    return ParetoPoint(
+        allocation=result.allocation,
+        predicted=predicted,
+        metrics=metrics,
+        kind="mixed",
+        budget=budget,
+        label="refined",
+        refinement=result.summary(),
+    )
 
 
 __all__ = ["RefineConfig", "RefineResult", "refine", "refined_point"]

@@ -26,8 +26,9 @@ on that slice. So:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,13 +66,18 @@ class RoleSplit:
     note: str | None = None
 
     def sizes(self) -> dict[str, Any]:
-        return {"selection": int(len(self.selection)), "report": int(len(self.report)), "total": self.n_total,
-                "honest": self.honest, "note": self.note}
+        return {
+            "selection": len(self.selection),
+            "report": len(self.report),
+            "total": self.n_total,
+            "honest": self.honest,
+            "note": self.note,
+        }
 
 
 def split_roles(
     n: int,
-    selection: float | int = 0.5,
+    selection: float = 0.5,
     seed: int = 0,
     min_items: int = MIN_ROLE_ITEMS,
 ) -> RoleSplit:
@@ -122,8 +128,9 @@ def _is_binary(v: np.ndarray) -> bool:
     return bool(np.all((v == 0) | (v == 1)))
 
 
-def mean_interval(values: Sequence[float] | np.ndarray, confidence: float = DEFAULT_CONFIDENCE,
-                  scale: float = 1.0) -> tuple[float, float]:
+def mean_interval(
+    values: Sequence[float] | np.ndarray, confidence: float = DEFAULT_CONFIDENCE, scale: float = 1.0
+) -> tuple[float, float]:
     """Interval for the mean of per-item values: Wilson's for 0/1 values, the normal one otherwise."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
@@ -166,15 +173,27 @@ class PairedTest:
     bound: float | None = None  # one-sided bound at `confidence` (lower when larger is better)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "n": self.n, "delta": self.delta, "ci": [self.low, self.high],
-                "one_sided_bound": self.bound, "p_value": self.p_value, "alternative": self.alternative,
-                "significant": self.significant, "confidence": self.confidence, "method": self.method}
+        return {
+            "metric": self.metric,
+            "n": self.n,
+            "delta": self.delta,
+            "ci": [self.low, self.high],
+            "one_sided_bound": self.bound,
+            "p_value": self.p_value,
+            "alternative": self.alternative,
+            "significant": self.significant,
+            "confidence": self.confidence,
+            "method": self.method,
+        }
 
     def describe(self) -> str:
         half = (self.high - self.low) / 2
         unit = " points" if self.metric in ("top1", "agreement") else ""
-        p = "" if self.p_value is None else f", {'one' if self.alternative == 'greater' else 'two'}-sided " \
-            f"p={self.p_value:.2g}"
+        p = (
+            ""
+            if self.p_value is None
+            else f", {'one' if self.alternative == 'greater' else 'two'}-sided p={self.p_value:.2g}"
+        )
         return f"{self.delta:+.2f} ± {half:.2f}{unit} ({self.confidence:.0%} interval, n={self.n}{p})"
 
 
@@ -227,13 +246,18 @@ def paired_test(
         else:
             from scipy.stats import binomtest
 
-            p = float(binomtest(wins, wins + losses, 0.5,
-                                alternative="greater" if one_sided else "two-sided").pvalue)
+            p = float(
+                binomtest(
+                    wins, wins + losses, 0.5, alternative="greater" if one_sided else "two-sided"
+                ).pvalue
+            )
         delta = float(d.mean())
         better = delta > 0 if larger_is_better else delta < 0
         significant = better and p < alpha
-        method = (f"exact McNemar ({'one' if one_sided else 'two'}-sided binomial test on the discordant items); "
-                  "paired bootstrap interval")
+        method = (
+            f"exact McNemar ({'one' if one_sided else 'two'}-sided binomial test on the discordant items); "
+            "paired bootstrap interval"
+        )
     else:
         means = np.empty(resamples)
         chunk = max(1, 2_000_000 // n)
@@ -249,8 +273,20 @@ def paired_test(
         method = f"paired bootstrap ({'one' if one_sided else 'two'}-sided)"
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     bound = float(np.quantile(means, alpha if larger_is_better else 1 - alpha)) * scale
-    return PairedTest(metric, n, delta * scale, float(lo) * scale, float(hi) * scale, p, bool(significant),
-                      confidence, method, larger_is_better, alternative, bound)
+    return PairedTest(
+        metric,
+        n,
+        delta * scale,
+        float(lo) * scale,
+        float(hi) * scale,
+        p,
+        bool(significant),
+        confidence,
+        method,
+        larger_is_better,
+        alternative,
+        bound,
+    )
 
 
 # --- selection -----------------------------------------------------------------------------------------------
@@ -264,8 +300,10 @@ def _samples(point: Any, role: str, key: str) -> np.ndarray | None:
 def _mean(point: Any, role: str, key: str) -> float:
     v = _samples(point, role, key)
     if v is None:
-        raise BitsearchError(f"a candidate has no per-item {key!r} values on the {role} data: measure the "
-                             f"front with measure_front(..., role={role!r}) first")
+        raise BitsearchError(
+            f"a candidate has no per-item {key!r} values on the {role} data: measure the "
+            f"front with measure_front(..., role={role!r}) first"
+        )
     return float(v.mean())
 
 
@@ -298,7 +336,9 @@ class Evidence:
     contender: dict[str, Any] | None  # the mixed contender (label, metrics) or None
     selection: PairedTest | None  # contender − baseline on the ranking metric, selection data
     report: PairedTest | None  # the same on report data (None without report data)
-    surrogate_selection: PairedTest | None  # contender − baseline on the surrogate (negative: contender better)
+    surrogate_selection: (
+        PairedTest | None
+    )  # contender − baseline on the surrogate (negative: contender better)
     recommended_report: dict[str, Any] | None  # the recommendation's own figures on report data, with CIs
     disagreement: dict[str, Any] = field(default_factory=dict)
     n_candidates: int = 0
@@ -337,7 +377,7 @@ def _label(p: Any) -> str:
 
 def select(
     front: Any,
-    budget: "Budget | str | Iterable[Budget | str] | None" = None,
+    budget: Budget | str | Iterable[Budget | str] | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     ranking: str | None = None,
     surrogate: str = "kl",
@@ -367,7 +407,9 @@ def select(
         figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
         raise InfeasibleBudget(
             f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
-            {k: cheapest.metrics[k] for k in keys}, every)
+            {k: cheapest.metrics[k] for k in keys},
+            every,
+        )
     if ranking is None:
         ranking = "top1" if all(_samples(p, role, "correct") is not None for p in cands) else "agreement"
     if ranking not in RANKING_KEYS:
@@ -385,15 +427,22 @@ def select(
     def cost(p: Any) -> tuple:
         return tuple(p.metrics.get(k, np.inf) for k in cost_keys)
 
-    baseline = max(uniform, key=lambda p: (_mean(p, role, rk), -_mean(p, role, sk), tuple(-c for c in cost(p)))) \
-        if uniform else None
-    contender = min(mixed, key=lambda p: (_mean(p, role, sk), -_mean(p, role, rk), cost(p))) if mixed else None
+    baseline = (
+        max(uniform, key=lambda p: (_mean(p, role, rk), -_mean(p, role, sk), tuple(-c for c in cost(p))))
+        if uniform
+        else None
+    )
+    contender = (
+        min(mixed, key=lambda p: (_mean(p, role, sk), -_mean(p, role, rk), cost(p))) if mixed else None
+    )
 
     def test(a: Any, b: Any, r: str, key: str, larger: bool, name: str) -> PairedTest | None:
         va, vb = _samples(a, r, key), _samples(b, r, key)
         if va is None or vb is None:
             return None
-        return paired_test(va, vb, name, confidence, larger_is_better=larger, seed=seed, alternative=alternative)
+        return paired_test(
+            va, vb, name, confidence, larger_is_better=larger, seed=seed, alternative=alternative
+        )
 
     sel = rep = sur = None
     if baseline is not None and contender is not None:
@@ -402,24 +451,30 @@ def select(
         sur = test(contender, baseline, role, sk, False, surrogate)
         if sel.significant:
             chosen, kind = contender, "mixed"
-            reason = (f"the mixed allocation beats uniform {_label(baseline)} on {ranking} by {sel.describe()} "
-                      f"on the selection data, significant at {confidence:.0%}")
+            reason = (
+                f"the mixed allocation beats uniform {_label(baseline)} on {ranking} by {sel.describe()} "
+                f"on the selection data, significant at {confidence:.0%}"
+            )
         else:
             chosen, kind = baseline, "uniform"
-            reason = (f"the best mixed allocation (by {surrogate}) differs from uniform {_label(baseline)} by "
-                      f"{sel.describe()} on {ranking} on the selection data: not significant at "
-                      f"{confidence:.0%}, so uniform is kept")
+            reason = (
+                f"the best mixed allocation (by {surrogate}) differs from uniform {_label(baseline)} by "
+                f"{sel.describe()} on {ranking} on the selection data: not significant at "
+                f"{confidence:.0%}, so uniform is kept"
+            )
     elif baseline is not None:
         chosen, kind = baseline, "uniform"
         reason = f"no mixed allocation meets the budget; uniform {_label(baseline)} is the best that does"
     else:
         assert contender is not None
         chosen, kind = contender, "mixed"
-        reason = "no uniform allocation meets the budget: the mixed allocation with the lowest " \
-                 f"{surrogate} is recommended without a uniform baseline"
+        reason = (
+            "no uniform allocation meets the budget: the mixed allocation with the lowest "
+            f"{surrogate} is recommended without a uniform baseline"
+        )
     rec_report = None
     if _samples(chosen, report_role, rk) is not None:
-        rec_report = {"n": int(len(_samples(chosen, report_role, rk)))}
+        rec_report = {"n": len(_samples(chosen, report_role, rk))}
         for key in (rk, sk):
             v = _samples(chosen, report_role, key)
             if v is not None:
@@ -433,8 +488,9 @@ def select(
         surrogate=surrogate,
         confidence=confidence,
         baseline=_label(baseline) if baseline is not None else None,
-        contender=None if contender is None else {
-            "label": _label(contender), "budget": contender.budget, "metrics": contender.metrics},
+        contender=None
+        if contender is None
+        else {"label": _label(contender), "budget": contender.budget, "metrics": contender.metrics},
         selection=sel,
         report=rep,
         surrogate_selection=sur,
@@ -447,7 +503,9 @@ def select(
     return chosen, ev
 
 
-def point_intervals(samples: Mapping[str, Any], confidence: float = DEFAULT_CONFIDENCE) -> dict[str, list[float]]:
+def point_intervals(
+    samples: Mapping[str, Any], confidence: float = DEFAULT_CONFIDENCE
+) -> dict[str, list[float]]:
     """Interval of each figure (top1, agreement, kl, loss) from one point's per-item values on one role."""
     out = {}
     for key, values in samples.items():
@@ -459,8 +517,8 @@ def point_intervals(samples: Mapping[str, Any], confidence: float = DEFAULT_CONF
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
-    "Evidence",
     "MIN_ROLE_ITEMS",
+    "Evidence",
     "PairedTest",
     "RoleSplit",
     "SelectedPoint",
@@ -491,7 +549,7 @@ def recommend_with_evidence(
     confidence: float = DEFAULT_CONFIDENCE,
     solver: str = "ilp",
     progress: Any = None,
-) -> tuple[Any, list["SelectedPoint"], dict[str, Any]]:
+) -> tuple[Any, list[SelectedPoint], dict[str, Any]]:
     """Refine at the requested budgets, measure every candidate, and select with evidence.
 
     1. At the `requested` budgets (all together, plus `problem`'s own budgets) the solver's allocation (the
@@ -511,13 +569,18 @@ def recommend_with_evidence(
     from .solvers import solve
 
     progress = progress or (lambda f, m: None)
-    settings = refine_settings if isinstance(refine_settings, RefineConfig) else RefineConfig.from_dict(
-        refine_settings)
+    settings = (
+        refine_settings
+        if isinstance(refine_settings, RefineConfig)
+        else RefineConfig.from_dict(refine_settings)
+    )
     costs: dict[str, Any] = {}
     extra = []
     if requested:
-        at = problem.with_budgets(list(problem.budgets) + [b for b in requested
-                                                           if b.metric not in {x.metric for x in problem.budgets}])
+        at = problem.with_budgets(
+            list(problem.budgets)
+            + [b for b in requested if b.metric not in {x.metric for x in problem.budgets}]
+        )
         limit = next((b.limit for b in requested if b.metric == front.metric), None)
         # The solver's own answer at the budget: the front's best predicted point that meets it (the sweep
         # solves at the requested budget too), else a fresh solve.
@@ -530,27 +593,67 @@ def recommend_with_evidence(
             costs["solve_at_budget"] = {"seconds": time.perf_counter() - t}
             from .pareto import ParetoPoint
 
-            start = ParetoPoint(sol.allocation, sol.objective, sol.metrics, kind="mixed", budget=limit,
-                                optimal=sol.optimal, label="solver")
+            start = ParetoPoint(
+                sol.allocation,
+                sol.objective,
+                sol.metrics,
+                kind="mixed",
+                budget=limit,
+                optimal=sol.optimal,
+                label="solver",
+            )
             extra.append(start)
         if settings.enabled and calibration is not None:
-            r = refine(at, start.allocation, model, calibration, calibration, selection_data, quant_config,
-                       settings, progress=lambda f, m: progress(0.4 * f, m))
+            r = refine(
+                at,
+                start.allocation,
+                model,
+                calibration,
+                calibration,
+                selection_data,
+                quant_config,
+                settings,
+                progress=lambda f, m: progress(0.4 * f, m),
+            )
             costs["refine"] = {**r.cost, "steps": len(r.steps), "stopped": r.stopped}
             if r.steps:
                 extra.append(refined_point(at, r, limit))
     out = copy_front_with(front, extra)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = measure_front(out, model, calibration, selection_data, quant_config, role="selection",
-                        confidence=confidence, progress=lambda f, m: progress(0.4 + 0.3 * f, m))
-    costs["measure_selection"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                                  "passes": len(out.candidates()), "samples": len(selection_data)}
+    out = measure_front(
+        out,
+        model,
+        calibration,
+        selection_data,
+        quant_config,
+        role="selection",
+        confidence=confidence,
+        progress=lambda f, m: progress(0.4 + 0.3 * f, m),
+    )
+    costs["measure_selection"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "passes": len(out.candidates()),
+        "samples": len(selection_data),
+    }
     if report_data is not None:
         t0, c0 = time.perf_counter(), time.process_time()
-        out = measure_front(out, model, calibration, report_data, quant_config, role="report",
-                            confidence=confidence, progress=lambda f, m: progress(0.7 + 0.3 * f, m))
-        costs["measure_report"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                                   "passes": len(out.candidates()), "samples": len(report_data)}
+        out = measure_front(
+            out,
+            model,
+            calibration,
+            report_data,
+            quant_config,
+            role="report",
+            confidence=confidence,
+            progress=lambda f, m: progress(0.7 + 0.3 * f, m),
+        )
+        costs["measure_report"] = {
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+            "passes": len(out.candidates()),
+            "samples": len(report_data),
+        }
     recs: list[SelectedPoint] = []
     sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
     for limit in sweep:

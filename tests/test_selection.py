@@ -108,8 +108,14 @@ def test_mean_interval_covers_the_mean():
 
 
 def _point(kind, avg, correct, kl, label=None):
-    p = ParetoPoint(allocation=Allocation({"a": LayerBits(4)}), predicted=float(kl.mean()),
-                    metrics={"avg_weight_bits": avg}, kind=kind, label=label, budget=None if kind == "uniform" else avg)
+    p = ParetoPoint(
+        allocation=Allocation({"a": LayerBits(4)}),
+        predicted=float(kl.mean()),
+        metrics={"avg_weight_bits": avg},
+        kind=kind,
+        label=label,
+        budget=None if kind == "uniform" else avg,
+    )
     p.samples["selection"] = {"correct": correct.astype(float), "kl": kl}
     return p
 
@@ -118,8 +124,10 @@ def _synthetic_front(rng, n, advantage, n_mixed=20):
     """Uniform W3 at 76 % and `n_mixed` mixed points at 3 bits: each differs from W3 on random items,
     fixing `advantage` more of them than it breaks on average (0: pure noise)."""
     base = rng.random(n) < 0.76
-    uniform = [_point("uniform", 3.0, base, rng.random(n) * 0.5 + 0.4, "W3"),
-               _point("uniform", 2.0, rng.random(n) < 0.3, rng.random(n) + 2, "W2")]
+    uniform = [
+        _point("uniform", 3.0, base, rng.random(n) * 0.5 + 0.4, "W3"),
+        _point("uniform", 2.0, rng.random(n) < 0.3, rng.random(n) + 2, "W2"),
+    ]
     mixed = []
     for _ in range(n_mixed):
         c = base.copy()
@@ -138,8 +146,10 @@ def test_noise_advantage_keeps_uniform_real_advantage_takes_mixed():
         assert ev.baseline == "W3" and ev.selection.n == 2000 and ev.recommended == point.kind
         # the arg-max of 20 noisy candidates (the old `recommend`) is nearly always a mixed point
         for p in front.candidates():
-            p.measured = {"top1": p.samples["selection"]["correct"].mean() * 100,
-                          "loss": float(p.samples["selection"]["kl"].mean())}
+            p.measured = {
+                "top1": p.samples["selection"]["correct"].mean() * 100,
+                "loss": float(p.samples["selection"]["kl"].mean()),
+            }
         naive_mixed += recommend(front, "avg_wbits=3").kind == "mixed"
     assert kept_uniform >= 18  # 5 % false positives expected; 18/20 leaves room for chance
     assert naive_mixed >= 15
@@ -153,8 +163,13 @@ def test_noise_advantage_keeps_uniform_real_advantage_takes_mixed():
 def test_select_reports_on_report_data_and_explains_missing_values():
     rng = np.random.default_rng(1)
     front = _synthetic_front(rng, 400, 0.5, n_mixed=3)
-    bare = ParetoFront("avg_weight_bits", [ParetoPoint(Allocation({"a": LayerBits(4)}), 0.0,
-                                                       {"avg_weight_bits": 3.0})], [], "ilp", "t")
+    bare = ParetoFront(
+        "avg_weight_bits",
+        [ParetoPoint(Allocation({"a": LayerBits(4)}), 0.0, {"avg_weight_bits": 3.0})],
+        [],
+        "ilp",
+        "t",
+    )
     with pytest.raises(BitsearchError, match="role='selection'"):
         select(bare, "avg_wbits=3")
     for p in front.candidates():
@@ -186,8 +201,12 @@ def digits():
 
 
 def _table(layers, options):
-    return SensitivityTable("test", list(layers), list(options),
-                            np.outer(np.linspace(1, 2, len(layers)), [1.0 / o.weight_bits for o in options]))
+    return SensitivityTable(
+        "test",
+        list(layers),
+        list(options),
+        np.outer(np.linspace(1, 2, len(layers)), [1.0 / o.weight_bits for o in options]),
+    )
 
 
 def test_evaluate_keeps_per_item_values_behind_the_means(digits):
@@ -220,9 +239,11 @@ def test_measure_front_fills_roles_intervals_and_round_trips(digits):
         assert set(p.samples) == {"selection", "report"}
     assert mf.reference["n"] == 180 and mf.report_reference["n"] == 180
     again = ParetoFront.from_json(mf.to_json())
-    assert again.points[0].intervals == mf.points[0].intervals and again.points[0].report == mf.points[0].report
+    assert (
+        again.points[0].intervals == mf.points[0].intervals and again.points[0].report == mf.points[0].report
+    )
     assert again.report_reference == mf.report_reference
-    point, ev = select(mf, "avg_wbits=4")
+    _point, ev = select(mf, "avg_wbits=4")
     assert ev.report is not None and ev.report.n == 180 and ev.selection.n == 180
 
 
@@ -244,10 +265,20 @@ def test_refinement_stays_in_budget_and_never_worsens_the_objective(digits, acti
     low = LayerBits(2, a[0])
     start = Allocation({n: (low if i == 0 else LayerBits(4, a[0])) for i, n in enumerate(names)})
     limits = cost.cost(start)
-    problem = AllocationProblem(_table(layers, options), cost,
-                                [f"avg_wbits={limits.avg_weight_bits}"] + ([f"bops={limits.bops}"] if activations else []))
-    r = refine(problem, start, model, splits.calibration, splits.calibration, splits.test,
-               settings=RefineConfig(max_passes=40))
+    problem = AllocationProblem(
+        _table(layers, options),
+        cost,
+        [f"avg_wbits={limits.avg_weight_bits}"] + ([f"bops={limits.bops}"] if activations else []),
+    )
+    r = refine(
+        problem,
+        start,
+        model,
+        splits.calibration,
+        splits.calibration,
+        splits.test,
+        settings=RefineConfig(max_passes=40),
+    )
     assert problem.feasible(r.choice)
     after = cost.cost(r.allocation)
     assert after.avg_weight_bits <= limits.avg_weight_bits * (1 + 1e-9)
@@ -271,18 +302,36 @@ def test_refinement_respects_pins_ties_and_its_budget_of_passes(digits):
     names = [l.name for l in layers]
     options = [LayerBits(w) for w in (2, 3, 4, 8)]
     cost = CostModel(layers)
-    start = Allocation({names[0]: LayerBits(2), names[1]: LayerBits(4), names[2]: LayerBits(4),
-                        names[3]: LayerBits(8)})
+    start = Allocation(
+        {names[0]: LayerBits(2), names[1]: LayerBits(4), names[2]: LayerBits(4), names[3]: LayerBits(8)}
+    )
     problem = AllocationProblem(
-        _table(layers, options), cost, [f"avg_wbits={cost.cost(start).avg_weight_bits}"],
-        {"pinned": {names[3]: "8"}, "ties": [[names[1], names[2]]]})
-    r = refine(problem, start, model, splits.calibration, splits.calibration, splits.test,
-               settings=RefineConfig(max_passes=40))
+        _table(layers, options),
+        cost,
+        [f"avg_wbits={cost.cost(start).avg_weight_bits}"],
+        {"pinned": {names[3]: "8"}, "ties": [[names[1], names[2]]]},
+    )
+    r = refine(
+        problem,
+        start,
+        model,
+        splits.calibration,
+        splits.calibration,
+        splits.test,
+        settings=RefineConfig(max_passes=40),
+    )
     assert r.allocation[names[3]] == LayerBits(8)
     assert r.allocation[names[1]] == r.allocation[names[2]]
     assert problem.feasible(r.choice) and r.kl_end <= r.kl_start and r.guard_end >= r.guard_start
-    tiny = refine(problem, start, model, splits.calibration, splits.calibration, None,
-                  settings=RefineConfig(max_passes=2.5))
+    tiny = refine(
+        problem,
+        start,
+        model,
+        splits.calibration,
+        splits.calibration,
+        None,
+        settings=RefineConfig(max_passes=2.5),
+    )
     assert tiny.steps == [] and "budget" in tiny.stopped and tiny.cost["passes"] <= 2.5
     with pytest.raises(BitsearchError, match="not feasible"):
         refine(problem.with_budget("avg_wbits", 2.0), start, model, splits.calibration, splits.calibration)
@@ -298,8 +347,16 @@ def test_refinement_respects_pins_ties_and_its_budget_of_passes(digits):
 def _search(**kw):
     from service.pipeline import run_search
 
-    spec = {"model": "zoo:digits-mlp", "data": "zoo:digits", "budgets": ["avg_wbits=4"], "weight_bits": [2, 4, 8],
-            "pareto": 3, "calib_size": 64, "method": "fisher", **kw}
+    spec = {
+        "model": "zoo:digits-mlp",
+        "data": "zoo:digits",
+        "budgets": ["avg_wbits=4"],
+        "weight_bits": [2, 4, 8],
+        "pareto": 3,
+        "calib_size": 64,
+        "method": "fisher",
+        **kw,
+    }
     return run_search(spec)
 
 
