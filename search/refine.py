@@ -166,7 +166,7 @@ def refine(
     from sensitivity.measured import PrefixCache, _logits, per_sample_metric
     from zoo.evaluate import evaluate, predict
 
-    from .pareto import _as_dataset
+    from zoo.data import as_dataset
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg = settings or RefineConfig()
@@ -177,8 +177,8 @@ def refine(
     if bad:
         raise BitsearchError(f"refine: the starting allocation is not feasible: {'; '.join(bad[:3])}")
     start_choice = choice.copy()
-    tune = _as_dataset(tune_data, "tune_data")
-    guard = _as_dataset(guard_data, "guard_data") if guard_data is not None else None
+    tune = as_dataset(tune_data, "tune_data")
+    guard = as_dataset(guard_data, "guard_data") if guard_data is not None else None
     n_tune = len(tune)
 
     qmodel = copy.deepcopy(model).eval()

@@ -345,46 +345,41 @@ def test_refinement_respects_pins_ties_and_its_budget_of_passes(digits):
 
 
 def _search(**kw):
-    from service.pipeline import run_search
+    import bitsearch
 
-    spec = {
-        "model": "zoo:digits-mlp",
-        "data": "zoo:digits",
-        "budgets": ["avg_wbits=4"],
-        "weight_bits": [2, 4, 8],
-        "pareto": 3,
-        "calib_size": 64,
-        "method": "fisher",
-        **kw,
-    }
-    return run_search(spec)
+    fields = {"budgets": ["avg_wbits=4"], "method": "fisher", "pareto": 3, "calib_size": 64,
+              "options": {"weight_bits": [2, 4, 8]}, **kw}
+    return bitsearch.search("zoo:digits-mlp", "zoo:digits", **fields)
 
 
 def test_search_selects_on_one_part_reports_on_another_and_carries_evidence():
-    out = _search(refine={"max_passes": 12})
-    d = out["data"]
-    assert d["honest"] and d["selection"] + d["report"] == d["total"] == 360 and d["selection"] == 180
-    req = next(r for r in out["recommendations"] if r["budget"] == "requested")
-    ev = req["evidence"]
+    from bitsearch.result import SearchResult
+
+    r = _search(refine={"max_passes": 12})
+    assert r.data["selection"]["size"] == r.data["report"]["size"] == 180
+    rec = r.recommendation
+    ev = rec.evidence
     assert ev["recommended"] in ("mixed", "uniform") and ev["reason"]
     assert ev["selection"]["n"] == 180 and ev["report"]["n"] == 180
+    lo, hi = ev["selection"]["ci"]
+    assert lo <= ev["selection"]["delta"] <= hi
     assert ev["recommended_report"]["top1"]["ci"][0] <= ev["recommended_report"]["top1"]["value"]
-    assert req["point"]["metrics"]["avg_weight_bits"] <= 4 + 1e-9
-    assert req["point"]["report"]["n"] == 180 and "report" in req["point"]["intervals"]
-    assert all("selection" in p["intervals"] for p in out["front"]["points"] + out["front"]["uniform"])
-    assert out["costs"]["refine"]["passes"] <= 12 and out["costs"]["measure_report"]["samples"] == 180
-    assert all(isinstance(v, float) for v in out["timings"].values())
+    assert rec.point.metrics["avg_weight_bits"] <= 4 + 1e-9
+    assert rec.report["n"] == 180 and "report" in rec.point.intervals
+    assert all("selection" in p.intervals and "report" in p.intervals for p in r.points)
+    assert r.costs["refine"]["passes"] <= 12 and r.costs["measure_report"]["samples"] == 180
+    assert r.reference_report["n"] == 180
+    back = SearchResult.from_json(r.to_json())
+    assert back.recommendation.evidence == r.recommendation.evidence == r.to_dict()["recommendations"][-1]["evidence"]
+    assert back.costs == r.to_dict()["costs"] and back.points[0].intervals == r.points[0].intervals
 
 
 def test_a_search_on_too_little_data_says_so_and_refinement_can_be_turned_off():
-    out = _search(eval_limit=120, refine=False)
-    assert not out["data"]["honest"] and out["data"]["report"] == 0
-    assert any("too few" in n and "not an out-of-sample accuracy" in n for n in out["notes"])
-    req = next(r for r in out["recommendations"] if r["budget"] == "requested")
-    assert req["evidence"]["report"] is None and "refine" not in out["costs"]
+    r = _search(eval_limit=120, refine=False)
+    assert r.data["selection"]["size"] + r.data["report"]["size"] <= 120
+    assert any("too few" in n and "not a reliable out-of-sample accuracy" in n for n in r.notes)
+    assert "refine" not in r.costs and r.recommendation.evidence["selection"]["n"] < 100
     with pytest.raises(BitsearchError, match="confidence"):
         _search(confidence=1.5)
-    with pytest.raises(BitsearchError, match="refine"):
+    with pytest.raises(BitsearchError, match="max_passes"):
         _search(refine={"max_passes": -1})
-    with pytest.raises(BitsearchError, match="selection"):
-        _search(selection=0)
