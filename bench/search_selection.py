@@ -295,19 +295,11 @@ def main() -> None:
     costs: list = []
     rows = []
     cost = CostModel(layers)
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    if budgets:
-        sets = [
-            (f"{b:g} avg bits", [Budget("avg_weight_bits", b)], Budget("avg_weight_bits", b)) for b in budgets
-        ]
-        rows += run_setting(
-            "weight-only", model, layers, calib, tune, sel_data, meas, WBITS, (32,), sets, args, costs
-        )
     wa = [w for w in args.wa.split(",") if w.strip()]
     if wa:
         sets = []
         for u in wa:
-            ub = LayerBits.parse(u)
+            ub = LayerBits.parse(u.upper().replace("W", "").replace("A", "/"))
             rep = cost.cost(Allocation.uniform(names, ub))
             sets.append(
                 (
@@ -319,6 +311,16 @@ def main() -> None:
         rows += run_setting(
             "W/A", model, layers, calib, tune, sel_data, meas, WBITS, (4, 6, 8), sets, args, costs
         )
+        write_result(args.out.replace(".md", ".partial.json"), json.dumps(rows, indent=1, default=str) + "\n")
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if budgets:
+        sets = [
+            (f"{b:g} avg bits", [Budget("avg_weight_bits", b)], Budget("avg_weight_bits", b)) for b in budgets
+        ]
+        rows += run_setting(
+            "weight-only", model, layers, calib, tune, sel_data, meas, WBITS, (32,), sets, args, costs
+        )
+
 
     lines = [
         "# Recommendations against uniform precision, out of sample (ResNet-20, CIFAR-10 JPEG)",

@@ -383,3 +383,67 @@ def test_a_search_on_too_little_data_says_so_and_refinement_can_be_turned_off():
         _search(confidence=1.5)
     with pytest.raises(BitsearchError, match="max_passes"):
         _search(refine={"max_passes": -1})
+
+
+def test_evidence_reaches_the_cli_json_the_rest_pareto_and_the_dashboard(tmp_path, monkeypatch):
+    import json
+    import threading
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from db import jobs as job_repo
+    from db.models import JobStatus
+    from service.api.app import create_app
+    from service.api.auth import create_key
+    from service.api.schemas import ParetoOut
+    from service.cli import app
+    from service.dashboard import data as dash
+    from service.settings import Settings, get_settings
+    from tests.helpers import make_sf
+
+    flags = ["--model", "zoo:digits-mlp", "--data", "zoo:digits", "--budget", "avg_wbits=4", "--weight-bits",
+             "2,4,8", "--method", "fisher", "--samples", "64", "--pareto", "2", "--calib-size", "64"]
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["search", *flags, "--no-refine", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "why: " in r.output and "report" in r.output
+    d = json.loads(out.read_text())
+    assert d["spec"]["refine"] is False and d["recommendations"][-1]["evidence"]["selection"]["n"] == 180
+    assert "intervals" in d["front"]["points"][0]
+
+    sf = make_sf("sqlite", tmp_path)
+    key, _ = create_key(sf, "evidence")
+    h = {"Authorization": f"Bearer {key}"}
+    body = {"model": "zoo:digits-mlp", "data": "zoo:digits", "budgets": ["avg_wbits=4"],
+            "options": {"weight_bits": [2, 4, 8]}, "sensitivity": {"method": "fisher", "samples": 64},
+            "pareto_points": 2, "calib_size": 64, "refine": {"max_passes": 8}}
+    try:
+        with TestClient(create_app(Settings(data_dir=tmp_path / "srv"), sf)) as client:
+            acc = client.post("/search", json=body, headers=h)
+            assert acc.status_code == 202, acc.text
+            bad = client.post("/search", json={**body, "confidence": 1.2}, headers=h)
+            assert bad.status_code == 422 and "confidence" in bad.text
+            from service.jobs.local import work_loop
+
+            db_url = sf.kw["bind"].url.render_as_string(hide_password=False)
+            monkeypatch.setenv("BITSEARCH_DATABASE_URL", db_url)
+            monkeypatch.setenv("BITSEARCH_POLL_INTERVAL", "0.05")
+            get_settings.cache_clear()
+            done: list = []
+            t = threading.Thread(target=lambda: done.append(work_loop(max_jobs=1, idle_exit=20, db_url=db_url)))
+            t.start()
+            t.join(300)
+            job = job_repo.get(sf, acc.json()["job_id"])
+            assert job.status == JobStatus.succeeded, job.error
+            pareto = client.get(f"/searches/{acc.json()['id']}/pareto", headers=h).json()
+    finally:
+        get_settings.cache_clear()
+    rec = next(x for x in pareto["recommendations"] if x["requested"])
+    ev = rec["evidence"]
+    assert ev["selection"]["n"] == 180 and ev["report"]["n"] == 180 and ev["reason"]
+    assert rec["point"]["intervals"]["report"]["top1"]
+    assert all("selection" in p["intervals"] for p in pareto["points"] + pareto["uniform"])
+    chart = dash.front_data(ParetoOut.model_validate(pareto), [])
+    hover = chart["series"]["uniform"][0]["hover"]
+    assert "(selection data)" in hover and "on the report data" in hover and "[" in hover
