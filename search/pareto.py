@@ -418,6 +418,33 @@ def _rank_key(by: str, budget_metrics: Sequence[str]) -> Callable[[ParetoPoint],
     return key
 
 
+def fitting_candidates(
+    front: ParetoFront, budget: "Budget | str | Iterable[Budget | str] | None"
+) -> tuple[list[Budget], list[ParetoPoint]]:
+    """(the parsed `budget`, the candidates that meet it and the front's own budgets); `InfeasibleBudget`
+    naming the cheapest point's figures when none does."""
+    budgets = parse_budgets(budget)
+    everything = front.candidates()
+    if not everything:
+        raise BitsearchError("the front has no points")
+    # The front's own budgets stay in force unless `budget` sets the same metric anew.
+    every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
+    for b in every:
+        if b.metric not in everything[0].metrics:
+            raise BitsearchError(f"the front's points have no {b.metric} figure")
+    cands = [p for p in everything if all(b.holds(p.metrics[b.metric]) for b in every)]
+    if not cands:
+        keys = [b.metric for b in budgets] or [front.metric]
+        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
+        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
+        raise InfeasibleBudget(
+            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
+            {k: cheapest.metrics[k] for k in keys},
+            every,
+        )
+    return budgets, cands
+
+
 def recommend(
     front: ParetoFront,
     budget: "Budget | str | Iterable[Budget | str] | None" = None,
@@ -430,25 +457,7 @@ def recommend(
     other measures, then to the cheaper allocation. Because the uniform allocations are candidates too, the
     recommendation is never worse by `by` than any uniform allocation that meets the same budgets.
     """
-    budgets = parse_budgets(budget)
-    everything = front.candidates()
-    if not everything:
-        raise BitsearchError("the front has no points")
-    for b in budgets:
-        if b.metric not in everything[0].metrics:
-            raise BitsearchError(f"the front's points have no {b.metric} figure")
-    # The front's own budgets stay in force unless `budget` sets the same metric anew.
-    every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
-    cands = [p for p in everything if all(b.holds(p.metrics[b.metric]) for b in every)]
-    if not cands:
-        keys = [b.metric for b in budgets] or [front.metric]
-        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
-        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
-        raise InfeasibleBudget(
-            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
-            {k: cheapest.metrics[k] for k in keys},
-            every,
-        )
+    budgets, cands = fitting_candidates(front, budget)
     if by is None:
         by = "top1" if all(p.measured.get("top1") is not None for p in cands) else "kl"
     if by not in MEASURES:

@@ -34,7 +34,7 @@ import numpy as np
 
 from quant.errors import BitsearchError
 
-from .problem import Budget, InfeasibleBudget, format_value, parse_budgets
+from .problem import Budget
 
 #: Default confidence level of every interval and test here.
 DEFAULT_CONFIDENCE = 0.95
@@ -364,10 +364,6 @@ class Evidence:
         }
 
 
-def _fits(points: Sequence[Any], budgets: Sequence[Budget]) -> list[Any]:
-    return [p for p in points if all(b.holds(p.metrics[b.metric]) for b in budgets)]
-
-
 def _label(p: Any) -> str:
     if getattr(p, "label", None):
         return str(p.label)
@@ -392,24 +388,10 @@ def select(
     for report evidence, on the report data (`role="report"`). `ranking`: "top1" (default when labels were
     given) or "agreement"; `surrogate`: "kl" (default) or "loss" — it picks the mixed contender.
     """
-    budgets = parse_budgets(budget)
+    from .pareto import fitting_candidates
+
+    budgets, cands = fitting_candidates(front, budget)
     every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
-    everything = front.candidates()
-    if not everything:
-        raise BitsearchError("the front has no points")
-    for b in every:
-        if b.metric not in everything[0].metrics:
-            raise BitsearchError(f"the front's points have no {b.metric} figure")
-    cands = _fits(everything, every)
-    if not cands:
-        keys = [b.metric for b in budgets] or [front.metric]
-        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
-        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
-        raise InfeasibleBudget(
-            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
-            {k: cheapest.metrics[k] for k in keys},
-            every,
-        )
     if ranking is None:
         ranking = "top1" if all(_samples(p, role, "correct") is not None for p in cands) else "agreement"
     if ranking not in RANKING_KEYS:
@@ -619,40 +601,25 @@ def recommend_with_evidence(
             if r.steps:
                 extra.append(refined_point(at, r, limit))
     out = copy_front_with(front, extra)
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = measure_front(
-        out,
-        model,
-        calibration,
-        selection_data,
-        quant_config,
-        role="selection",
-        confidence=confidence,
-        progress=lambda f, m: progress(0.4 + 0.3 * f, m),
-    )
-    costs["measure_selection"] = {
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "passes": len(out.candidates()),
-        "samples": len(selection_data),
-    }
-    if report_data is not None:
+    for role, data, at in (("selection", selection_data, 0.4), ("report", report_data, 0.7)):
+        if data is None:
+            continue
         t0, c0 = time.perf_counter(), time.process_time()
         out = measure_front(
             out,
             model,
             calibration,
-            report_data,
+            data,
             quant_config,
-            role="report",
+            role=role,
             confidence=confidence,
-            progress=lambda f, m: progress(0.7 + 0.3 * f, m),
+            progress=lambda f, m, at=at: progress(at + 0.3 * f, m),
         )
-        costs["measure_report"] = {
+        costs[f"measure_{role}"] = {
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
             "passes": len(out.candidates()),
-            "samples": len(report_data),
+            "samples": len(data),
         }
     recs: list[SelectedPoint] = []
     sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
