@@ -387,7 +387,6 @@ def test_a_search_on_too_little_data_says_so_and_refinement_can_be_turned_off():
 
 def test_evidence_reaches_the_cli_json_the_rest_pareto_and_the_dashboard(tmp_path, monkeypatch):
     import json
-    import threading
 
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
@@ -401,6 +400,7 @@ def test_evidence_reaches_the_cli_json_the_rest_pareto_and_the_dashboard(tmp_pat
     from service.dashboard import data as dash
     from service.settings import Settings, get_settings
     from tests.helpers import make_sf
+    from tests.test_contract import _run_worker
 
     flags = ["--model", "zoo:digits-mlp", "--data", "zoo:digits", "--budget", "avg_wbits=4", "--weight-bits",
              "2,4,8", "--method", "fisher", "--samples", "64", "--pareto", "2", "--calib-size", "64"]
@@ -424,16 +424,7 @@ def test_evidence_reaches_the_cli_json_the_rest_pareto_and_the_dashboard(tmp_pat
             assert acc.status_code == 202, acc.text
             bad = client.post("/search", json={**body, "confidence": 1.2}, headers=h)
             assert bad.status_code == 422 and "confidence" in bad.text
-            from service.jobs.local import work_loop
-
-            db_url = sf.kw["bind"].url.render_as_string(hide_password=False)
-            monkeypatch.setenv("BITSEARCH_DATABASE_URL", db_url)
-            monkeypatch.setenv("BITSEARCH_POLL_INTERVAL", "0.05")
-            get_settings.cache_clear()
-            done: list = []
-            t = threading.Thread(target=lambda: done.append(work_loop(max_jobs=1, idle_exit=20, db_url=db_url)))
-            t.start()
-            t.join(300)
+            _run_worker(sf, monkeypatch, sf.kw["bind"].url.render_as_string(hide_password=False))
             job = job_repo.get(sf, acc.json()["job_id"])
             assert job.status == JobStatus.succeeded, job.error
             pareto = client.get(f"/searches/{acc.json()['id']}/pareto", headers=h).json()
