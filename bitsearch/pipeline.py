@@ -74,8 +74,8 @@ def run_search(
     """The whole search; see the module docstring. `model`/`data`/`roles`: Python objects that take the place
     of the spec's references."""
     from search import AllocationProblem, Budget, pareto_front
+    from search.budgets import canonical_metric
     from search.selection import recommend_with_evidence
-    from search.problem import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
 
     s = SearchSpec.parse(spec)

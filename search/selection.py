@@ -34,7 +34,7 @@ import numpy as np
 
 from quant.errors import BitsearchError
 
-from .problem import Budget
+from .budgets import Budget
 
 #: Default confidence level of every interval and test here.
 DEFAULT_CONFIDENCE = 0.95

@@ -6,7 +6,6 @@ stderr with exit code 2 and no traceback unless `--debug`.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -268,10 +267,9 @@ def keys_create(
 
 
 def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
-    """A local worker process of `serve` (spawned): registers the service's job kinds, then polls for jobs."""
+    """A local worker process of `serve` (spawned): polls for jobs of every kind (`service.jobs.kinds`)."""
     import logging
 
-    from service.api import search_job  # noqa: F401
     from service.jobs.local import lower_priority, work_loop
     from service.settings import get_settings
 
