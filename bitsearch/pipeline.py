@@ -77,8 +77,9 @@ def run_search(
     """The whole search; see the module docstring. `model`/`data`/`roles`: Python objects that take the place
     of the spec's references. `measured_context`: where the measured solvers (bayes, bomp-nas, qbitopt) keep
     their study and checkpoints (`search.measured.measured_front`; the service passes its database)."""
-    from search import AllocationProblem, Budget, measure_front, pareto_front, recommend
+    from search import AllocationProblem, Budget, pareto_front
     from search.budgets import canonical_metric
+    from search.selection import recommend_with_evidence
     from sensitivity import SensitivityOptions, compute_sensitivity
 
     s = SearchSpec.parse(spec)
@@ -133,6 +134,8 @@ def run_search(
 
         recs: list[Recommendation] = []
         reference_report = None
+        costs: dict[str, Any] = {}
+        split_notes: list[str] = []
         if own_rec is not None:  # bomp-nas / qbitopt: points measured by their own training, not by PTQ
             i = own_rec["index"]
             recs.append(Recommendation(i, list(budgets), True, front.points[i], own_rec.get("report")))
@@ -143,31 +146,26 @@ def run_search(
                 from sensitivity.datafree import distill_inputs
 
                 calib = distill_inputs(loaded.model, loaded.example_input, s.calib_size, seed=s.seed)
-            front = measure_front(front, loaded.model, calib, resolved.selection, config,
-                                  progress=lambda f, m: progress(0.55 + 0.35 * f, f"measuring: {m}"))
+            split_notes = honesty_notes(resolved)
+            # Refinement at the requested budgets, every candidate measured on the selection data (and the
+            # report data), one paired selection per budget with its evidence: search.selection.
+            front, selected, costs = recommend_with_evidence(
+                front, problem, budgets, loaded.model, calib, resolved.selection, resolved.report, config,
+                s.refine, s.confidence, solver="ilp",
+                progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
             timings["measure"] = time.perf_counter() - t
             points = list(front.points) + list(front.uniform)
             index = {id(p): i for i, p in enumerate(points)}
-            # one recommendation per swept budget (the front's own budgets stay in force)
-            for limit in sorted({p.budget for p in front.points if p.budget is not None}):
-                b = Budget(metric, limit)
-                p = recommend(front, [b])
-                recs.append(Recommendation(index[id(p)], [b], False, p))
-            if budgets:
-                p = recommend(front, budgets)
-                recs.append(Recommendation(index[id(p)], list(budgets), True, p))
-            if resolved.report is not None and recs:
-                t = time.perf_counter()
-                progress(0.92, "reporting the recommended points")
-                reference_report, reports = report_points(
-                    loaded.model, [r.point.allocation for r in recs], calib, resolved.report, config)
-                for r, rep in zip(recs, reports):
-                    r.report = rep
-                timings["report"] = time.perf_counter() - t
+            for r in selected:
+                rep_ = r.point.report or None
+                recs.append(Recommendation(index[id(r.point)], r.budgets, r.requested, r.point, rep_,
+                                           r.evidence.to_dict()))
+            reference_report = front.report_reference
         progress(1.0, "done")
-        notes = list(loaded.warnings) + resolved.notes + list(front.notes)
+        notes = list(loaded.warnings) + resolved.notes + split_notes + list(front.notes)
         return SearchResult(spec=s, model=loaded.spec.ref, table=table, front=front, recommendations=recs,
-                            timings=timings, notes=notes, data=resolved.record, reference_report=reference_report)
+                            timings=timings, notes=notes, data=resolved.record, reference_report=reference_report,
+                            costs=costs)
     finally:
         if module is not None and was_training:
             module.train()
@@ -179,6 +177,21 @@ def _train_source(s: SearchSpec) -> str | None:
     if train is not None and train.source is not None:
         return train.source
     return s.data if s.data not in (None, "none") else None
+
+
+def honesty_notes(resolved) -> list[str]:
+    """What the result must say when its data cannot back an out-of-sample claim."""
+    from search.selection import MIN_ROLE_ITEMS
+
+    sel, rep = resolved.selection, resolved.report
+    if rep is None:
+        return [f"no report data: every figure is measured on the {len(sel)} selection items the "
+                "recommendation was chosen on, which overstates it (give more data, or a report role)"]
+    if min(len(sel), len(rep)) < MIN_ROLE_ITEMS:
+        return [f"only {len(sel)} selection and {len(rep)} report items (fewer than {MIN_ROLE_ITEMS}): too few "
+                "to choose on one part and report on another honestly; the paired tests will rarely find a "
+                "difference and the report figures are not a reliable out-of-sample accuracy (give more data)"]
+    return []
 
 
 def check_layer_names(constraints, names: list[str]) -> None:

@@ -49,6 +49,9 @@ class Recommendation:
     requested: bool
     point: ParetoPoint = field(repr=False)
     report: dict[str, Any] | None = None
+    #: Why this point (search.selection.Evidence.to_dict): the paired test against the best uniform allocation
+    #: that fits, with Δ, interval and n on the selection and on the report data.
+    evidence: dict[str, Any] | None = None
 
     @property
     def allocation(self) -> Allocation:
@@ -60,6 +63,7 @@ class Recommendation:
             "budgets": [b.to_dict() for b in self.budgets],
             "requested": self.requested,
             "report": self.report,
+            "evidence": self.evidence,
         }
 
 
@@ -78,6 +82,7 @@ class SearchResult(JsonFile):
     notes: list[str] = field(default_factory=list)
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # per role: source, split, size, seed
     reference_report: dict[str, Any] | None = None  # the FP32 model on the report data
+    costs: dict[str, Any] = field(default_factory=dict)  # measured stages: refinement, measurements (passes)
     schema_version: int = RESULT_VERSION
 
     @property
@@ -110,6 +115,7 @@ class SearchResult(JsonFile):
             "notes": list(self.notes),
             "data": self.data,
             "reference_report": self.reference_report,
+            "costs": self.costs,
         })
 
     @classmethod
@@ -127,7 +133,8 @@ class SearchResult(JsonFile):
                 if type(i) is not int or not 0 <= i < len(points):
                     raise BitsearchError(f"a recommendation names point {i!r}; the front has {len(points)}")
                 recs.append(Recommendation(i, [Budget.from_dict(b) for b in r.get("budgets") or []],
-                                           bool(r.get("requested")), points[i], r.get("report")))
+                                           bool(r.get("requested")), points[i], r.get("report"),
+                                           r.get("evidence")))
             return cls(
                 spec=SearchSpec.parse(d["spec"]),
                 model=str(d["model"]),
@@ -138,6 +145,7 @@ class SearchResult(JsonFile):
                 notes=[str(n) for n in d.get("notes") or []],
                 data=dict(d.get("data") or {}),
                 reference_report=d.get("reference_report"),
+                costs=dict(d.get("costs") or {}),
                 schema_version=int(d["version"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -358,6 +358,29 @@ class SearchSpec(Strict):
     calib_size: int = Field(256, ge=1, le=100_000, description="Calibration items.")
     eval_limit: int | None = Field(None, ge=1, le=10_000_000, description="At most this many evaluation items.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    refine: bool | dict[str, Any] = Field(
+        True,
+        description="Interaction-aware refinement of the solver's point at the requested budgets (measured in "
+        "the quantized network): true, false, or settings {max_passes, max_rounds, verify_per_round, batch_size}.",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1.0,
+        description="Confidence level of the paired test that lets a mixed allocation replace the best uniform "
+        "one, and of every interval shown.",
+    )
+
+    @field_validator("refine")
+    @classmethod
+    def _refine(cls, v: Any) -> Any:
+        from search.refine import RefineConfig
+
+        try:
+            RefineConfig.from_dict(v)
+        except BitsearchError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("pareto_metric")
     @classmethod

@@ -55,6 +55,14 @@ class ParetoPoint:
     optimal: bool | None = None  # the solver proved it optimal for its budget
     label: str | None = None  # e.g. "W4A32" for a uniform point
     measured: dict[str, float | None] = field(default_factory=dict)  # filled by `measure_front`
+    #: The same figures on the report data (`measure_front(..., role="report")`); never used to choose.
+    report: dict[str, float | None] = field(default_factory=dict)
+    #: role ("selection", "report") -> figure -> [low, high] interval of the mean (see `search.selection`).
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: role -> per-item values ("correct", "ce", "agree", "kl"), for paired tests; not serialized.
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    #: What `search.refine` did to reach this point, when it produced it.
+    refinement: dict[str, Any] | None = None
 
     def value(self, metric: str) -> float:
         return self.metrics[canonical_metric(metric)]
@@ -67,6 +75,9 @@ class ParetoPoint:
             "predicted": self.predicted,
             "metrics": self.metrics,
             "measured": self.measured,
+            "report": self.report,
+            "intervals": self.intervals,
+            "refinement": self.refinement,
             "within_budgets": self.within_budgets,
             "optimal": self.optimal,
             "allocation": self.allocation.to_dict(),
@@ -85,6 +96,9 @@ class ParetoPoint:
                 optimal=d.get("optimal"),
                 label=d.get("label"),
                 measured=dict(d.get("measured") or {}),
+                report=dict(d.get("report") or {}),
+                intervals=dict(d.get("intervals") or {}),
+                refinement=d.get("refinement"),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise BitsearchError(f"malformed Pareto point: {exc}") from None
@@ -106,6 +120,7 @@ class ParetoFront(JsonFile):
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     reference: dict[str, Any] | None = None  # the FP32 model's measurement, from `measure_front`
+    report_reference: dict[str, Any] | None = None  # the same on the report data
 
     def candidates(self) -> list[ParetoPoint]:
         """Every point, mixed and uniform."""
@@ -123,6 +138,7 @@ class ParetoFront(JsonFile):
             "seconds": self.seconds,
             "notes": list(self.notes),
             "reference": self.reference,
+            "report_reference": self.report_reference,
             "points": [p.to_dict() for p in self.points],
             "uniform": [p.to_dict() for p in self.uniform],
         }
@@ -144,6 +160,7 @@ class ParetoFront(JsonFile):
             seconds=float(d.get("seconds", 0.0)),
             notes=list(d.get("notes") or []),
             reference=d.get("reference"),
+            report_reference=d.get("report_reference"),
         )
 
 # --- the sweep --------------------------------------------------------------------------------------------
@@ -306,8 +323,15 @@ def measure_front(
     eval_data: Any,
     quant_config: Any = None,
     progress: Callable[[float, str], None] | None = None,
+    role: str = "selection",
+    confidence: float = 0.95,
 ) -> ParetoFront:
     """A copy of `front` with every point (mixed and uniform) measured by post-training quantization.
+
+    `role`: "selection" (default) fills `measured` and `reference` (the figures a recommendation is chosen
+    by); "report" fills `report` and `report_reference` (figures only shown, on data disjoint from the
+    selection data). Either way each point keeps its per-item values in `samples[role]` (for the paired
+    tests of `search.selection.select`) and the `confidence` intervals of its figures in `intervals[role]`.
 
     The model is wrapped and calibrated once (`quant.apply.wrap_model` + `collect_statistics`); each point
     then only re-derives the quantizers (`set_allocation`) and runs `eval_data` (held-out: not the
@@ -323,8 +347,15 @@ def measure_front(
     data = as_dataset(eval_data, "eval_data")
     out = copy.deepcopy(front)
     candidates = out.candidates()
+    from .selection import point_intervals
+
+    if role not in ("selection", "report"):
+        raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
     ref = evaluate(model, data)
-    out.reference = ref.to_dict()
+    if role == "selection":
+        out.reference = ref.to_dict()
+    else:
+        out.report_reference = ref.to_dict()
     qmodel = copy.deepcopy(model).eval()
     layers = wrap_model(qmodel, config)
     if any(needs_calibration(p.allocation, config) for p in candidates):
@@ -334,7 +365,13 @@ def measure_front(
     for i, p in enumerate(candidates):
         set_allocation(qmodel, p.allocation)
         r = evaluate(qmodel, data, reference_logits=ref.logits)
-        p.measured = r.to_dict()
+        if role == "selection":
+            p.measured = r.to_dict()
+        else:
+            p.report = r.to_dict()
+        p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
+        if r.n > 1:
+            p.intervals[role] = point_intervals(p.samples[role], confidence)
         if progress is not None:
             progress((i + 1) / len(candidates), f"measured {i + 1}/{len(candidates)}")
     return out
@@ -361,6 +398,33 @@ def _rank_key(by: str, budget_metrics: Sequence[str]) -> Callable[[ParetoPoint],
     return key
 
 
+def fitting_candidates(
+    front: ParetoFront, budget: "Budget | str | Iterable[Budget | str] | None"
+) -> tuple[list[Budget], list[ParetoPoint]]:
+    """(the parsed `budget`, the candidates that meet it and the front's own budgets); `InfeasibleBudget`
+    naming the cheapest point's figures when none does."""
+    budgets = parse_budgets(budget)
+    everything = front.candidates()
+    if not everything:
+        raise BitsearchError("the front has no points")
+    # The front's own budgets stay in force unless `budget` sets the same metric anew.
+    every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
+    for b in every:
+        if b.metric not in everything[0].metrics:
+            raise BitsearchError(f"the front's points have no {b.metric} figure")
+    cands = [p for p in everything if all(b.holds(p.metrics[b.metric]) for b in every)]
+    if not cands:
+        keys = [b.metric for b in budgets] or [front.metric]
+        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
+        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
+        raise InfeasibleBudget(
+            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
+            {k: cheapest.metrics[k] for k in keys},
+            every,
+        )
+    return budgets, cands
+
+
 def recommend(
     front: ParetoFront,
     budget: "Budget | str | Iterable[Budget | str] | None" = None,
@@ -373,25 +437,7 @@ def recommend(
     other measures, then to the cheaper allocation. Because the uniform allocations are candidates too, the
     recommendation is never worse by `by` than any uniform allocation that meets the same budgets.
     """
-    budgets = parse_budgets(budget)
-    everything = front.candidates()
-    if not everything:
-        raise BitsearchError("the front has no points")
-    for b in budgets:
-        if b.metric not in everything[0].metrics:
-            raise BitsearchError(f"the front's points have no {b.metric} figure")
-    # The front's own budgets stay in force unless `budget` sets the same metric anew.
-    every = budgets + [b for b in front.budgets if b.metric not in {x.metric for x in budgets}]
-    cands = [p for p in everything if all(b.holds(p.metrics[b.metric]) for b in every)]
-    if not cands:
-        keys = [b.metric for b in budgets] or [front.metric]
-        cheapest = min(everything, key=lambda p: tuple(p.metrics[k] for k in keys))
-        figures = ", ".join(f"{k} {format_value(k, cheapest.metrics[k])}" for k in keys)
-        raise InfeasibleBudget(
-            f"no allocation of the front meets {', '.join(map(str, every))}; the cheapest has {figures}",
-            {k: cheapest.metrics[k] for k in keys},
-            every,
-        )
+    budgets, cands = fitting_candidates(front, budget)
     if by is None:
         by = "top1" if all(p.measured.get("top1") is not None for p in cands) else "kl"
     if by not in MEASURES:

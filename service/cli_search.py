@@ -161,6 +161,9 @@ def search(
     limit: Optional[int] = typer.Option(SPEC["eval_limit"], "--limit", min=1, help="Evaluate on at most this many items."),
     no_measure: bool = typer.Option(not SPEC["measure"], "--no-measure", help="Skip measuring the front (predicted only)."),
     seed: int = typer.Option(SPEC["seed"], "--seed"),
+    no_refine: bool = typer.Option(not SPEC["refine"], "--no-refine", help="Skip the measured refinement at the budgets."),
+    confidence: float = typer.Option(SPEC["confidence"], "--confidence", min=0.5, max=0.999,
+                                     help="Confidence level of the paired test mixed vs uniform, and of the intervals."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the whole result (SearchResult JSON)."),
     allocation_out: Optional[Path] = typer.Option(None, "--allocation", help="Write the recommended allocation."),
 ) -> None:
@@ -171,6 +174,7 @@ def search(
     spec = search_spec_from_flags(model, weights, data, calib_data, budget, method, method_param, solver,
                                   solver_param, pareto, metric, weight_bits, activation_bits, keep_first_last, clip,
                                   samples, calib_size, limit, no_measure, seed, selection_data, report_data)
+    spec = SearchSpec.parse({**spec.model_dump(), "refine": not no_refine, "confidence": confidence})
     with status("searching") as s:
         result = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))
     for note in result.notes:
@@ -182,15 +186,23 @@ def search(
     score, unit = ("perplexity", "") if lm else ("top1", " %")
     t = Table(title=f"Pareto front of {model}: {spec.sensitivity.method} + {spec.solver.name}, cost axis {m}"
                     + (f" (FP32 {score} {ref[score]:.2f}{unit})" if ref.get(score) is not None else ""))
-    for col in ("#", "kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", score + unit, "KL"):
+    pct = f"{confidence:.0%}"
+    for col in ("#", "kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", f"{score}{unit} selection [{pct}]",
+                f"{score}{unit} report [{pct}]", "KL"):
         t.add_column(col, justify="left" if col in ("kind", "allocation") else "right")
+
+    def with_ci(value: Any, role: str, p: Any) -> str:
+        ci = (p.intervals.get(role) or {}).get(score)
+        return fmt_num(value) + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
     order = sorted(range(len(result.points)), key=lambda i: (result.points[i].metrics[m], result.points[i].kind))
     for i in order:
         p = result.points[i]
         wbits = sorted({b.weight_bits for b in p.allocation.layers.values()})
         alloc = p.label or "mixed " + "/".join(f"W{w}" for w in wbits)
         t.add_row(str(i), p.kind, alloc, format_value(m, p.metrics[m]), fmt_bytes(p.metrics["weight_memory"] / 8),
-                  f"{p.metrics['bops'] / 1e9:.3f}", f"{p.predicted:.4g}", fmt_num(p.measured.get(score)),
+                  f"{p.metrics['bops'] / 1e9:.3f}", f"{p.predicted:.4g}",
+                  with_ci(p.measured.get(score), "selection", p), with_ci(p.report.get(score), "report", p),
                   fmt_num(p.measured.get("kl"), ".4f"))
     console.print(t)
     rec = result.recommendation
@@ -202,6 +214,13 @@ def search(
             f"{p.label or ''} at {format_value(m, p.metrics[m])}, {score} {fmt_num(p.measured.get(score))}{unit} "
             f"(selection data), {fmt_num(report.get(score))}{unit} on the held-out report data"
         )
+        ev = rec.evidence or {}
+        if ev:
+            console.print(f"why: {ev['reason']}")
+            d = ev.get("report")
+            if d:
+                console.print(f"on the report data ({d['n']} items): mixed contender − uniform {ev['baseline']} = "
+                              f"{d['delta']:+.2f} points [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({pct})")
         if allocation_out is not None:
             rec.allocation.save(allocation_out)
             console.print(f"wrote {allocation_out}")

@@ -79,6 +79,10 @@ class EvalResult:
     kl: float | None = None  # mean KL(reference || model) of the softmax outputs, in nats
     loss: float | None = None  # mean cross-entropy against the labels
     logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # for reuse as a reference
+    #: Per-item values behind the means, for paired comparisons of two models on the same items (float64,
+    #: shape (n,)): "correct" (1/0 against the labels), "ce" (cross-entropy), "agree" (1/0: same top-1 as
+    #: the reference) and "kl" (KL(reference || model)); a key is absent when its inputs were not given.
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {"n": self.n, "top1": self.top1, "agreement": self.agreement, "kl": self.kl, "loss": self.loss}
@@ -109,17 +113,23 @@ def evaluate(
             raise BitsearchError(
                 f"{data.name} has labels up to {int(y.max())} but the model outputs {logits.shape[1]} classes"
             )
-        result.top1 = (logits.argmax(1) == y).double().mean().item() * 100.0
-        result.loss = F.cross_entropy(logits, y).item()
+        correct = (logits.argmax(1) == y).double()
+        ce = F.cross_entropy(logits, y, reduction="none").double()
+        result.per_sample.update(correct=correct, ce=ce)
+        result.top1 = correct.mean().item() * 100.0
+        result.loss = ce.mean().item()
     if reference_logits is not None:
         ref = reference_logits.detach().to(torch.float32)
         if ref.shape != logits.shape:
             raise BitsearchError(
                 f"reference logits have shape {tuple(ref.shape)} but the model's are {tuple(logits.shape)}"
             )
-        result.agreement = (logits.argmax(1) == ref.argmax(1)).double().mean().item() * 100.0
+        agree = (logits.argmax(1) == ref.argmax(1)).double()
         log_p_ref = F.log_softmax(ref, dim=1)
         log_q = F.log_softmax(logits, dim=1)
-        kl = F.kl_div(log_q, log_p_ref, reduction="batchmean", log_target=True).item()
-        result.kl = max(kl, 0.0)  # rounding can leave a tiny negative number for identical outputs
+        # rounding can leave a tiny negative number for identical outputs
+        kl = (log_p_ref.exp() * (log_p_ref - log_q)).sum(1).double().clamp(min=0.0)
+        result.per_sample.update(agree=agree, kl=kl)
+        result.agreement = agree.mean().item() * 100.0
+        result.kl = kl.mean().item()
     return result

@@ -50,7 +50,8 @@ def outcome_rows(result: SearchResult) -> tuple[dict[str, Any], list[repo.PointR
     recs = []
     for r, rd in zip(result.recommendations, d["recommendations"]):
         pd = points[r.index]
-        recs.append({**rd, "point": {k: pd[k] for k in ("kind", "label", "metrics", "measured")}})
+        recs.append({**rd, "point": {k: pd.get(k) for k in ("kind", "label", "metrics", "measured", "report",
+                                                              "intervals")}})
     summary = {
         "schema": d["schema"],
         "version": d["version"],
@@ -65,6 +66,7 @@ def outcome_rows(result: SearchResult) -> tuple[dict[str, Any], list[repo.PointR
         "notes": d["notes"],
         "data": d["data"],
         "reference_report": d["reference_report"],
+        "costs": d.get("costs") or {},
     }
     return d["table"], rows, summary
 

@@ -46,8 +46,17 @@ def _point_hover(p: PointOut, accuracy_key: str, kind: str) -> str:
     if p.predicted is not None:
         lines.append(f"predicted loss increase: {p.predicted:.4g}")
     acc = _accuracy(measured, accuracy_key)
+    intervals = getattr(p, "intervals", None) or {}
+
+    def ci(role: str) -> str:
+        lo_hi = (intervals.get(role) or {}).get(accuracy_key)
+        return f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""
+
     if acc is not None:
-        lines.append(f"measured {accuracy_key}: {acc:.2f} %")
+        lines.append(f"measured {accuracy_key}: {acc:.2f} %{ci('selection')} (selection data)")
+    rep = _accuracy(getattr(p, "report", None), accuracy_key)
+    if rep is not None:
+        lines.append(f"{accuracy_key} on the report data: {rep:.2f} %{ci('report')}")
     return "<br>".join(lines)
 
 
@@ -217,4 +226,8 @@ def best_recommendation(search: SearchOut) -> str:
         words.append(f"top-1 {measured['top1']:.2f} %")
     elif _finite(measured.get("agreement")) is not None:
         words.append(f"agreement {measured['agreement']:.2f} %")
+    d = (chosen.get("evidence") or {}).get("report")
+    if d and _finite(d.get("delta")) is not None:
+        baseline = chosen["evidence"].get("baseline")
+        words.append(f"mixed − {baseline} on report {d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
     return " · ".join(words)

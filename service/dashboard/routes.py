@@ -346,7 +346,9 @@ def search_page(search_id: SearchId, request: Request, viewer: PageViewer, sf: S
         table = None
     front = _front(request, sf, viewer, search_id, state["jobs"])
     # The recommended point's allocation comes with the page, so the first view needs no second request.
-    recommended = next((p["index"] for p in front["series"]["mixed"] if p["recommended"]), None)
+    # A uniform point is recommended when no mixed one beats it significantly (search.selection).
+    recommended = next((p["index"] for p in front["series"]["mixed"] + front["series"]["uniform"]
+                        if p["recommended"]), None)
     allocation = None
     if recommended is not None:
         found = repo.get_point_allocation(sf, viewer.tenant_id, search_id, recommended)

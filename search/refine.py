@@ -1,0 +1,404 @@
+"""Interaction-aware refinement: a budget-preserving local search measured in the quantized network.
+
+Every sensitivity method prices each layer alone in an otherwise float network, and the solver adds those
+prices up. At low bit-widths the real losses interact, so the solver's allocation is a starting point, not
+an answer. `refine` improves it by measurement:
+
+1. **Measure in context.** With every layer at its *current* option, each decision variable (a layer, or a
+   tie group) is moved one step up and one step down (weight bits, or activation bits) and the increase of
+   the mean per-item KL(FP32 ‖ quantized) on the *tuning* data is measured — ExLlamaV3's optimizer does the
+   same between quantized models. Quantizing a layer cannot change what ran before it, so the network is
+   run once up to that layer (the prefix, already quantized at the current options) and only the suffix
+   is re-run per move (`sensitivity.measured.PrefixCache`).
+2. **Swap.** Moves that fit the budgets alone, and pairs (raise one variable, lower another) that stay within
+   *every* budget (and the pins, ties and allowed options of the problem), are ranked by their predicted
+   change of KL (the sum of the two measured changes).
+3. **Verify.** The best few are measured for real, one full pass each: a move is kept only if the mean KL
+   on the tuning data falls *and* the ranking metric on the guard (selection) data does not fall (top-1
+   with labels, top-1 agreement with FP32 without). Rounds repeat while a round keeps a move, within an
+   explicit measurement budget (`max_passes`, in full forward passes over the tuning data; a guard pass
+   counts as its share of items).
+
+KL to FP32 needs no labels, so the tuning data can be the calibration data: the selection data then only
+guard (they can reject a move, never propose one), which keeps the later paired test on them nearly free of
+selection bias. Works for weight and activation bits alike (an option's activation bits are one more axis
+of steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from quant.allocation import Allocation, is_float_bits
+from quant.errors import BitsearchError
+
+from .problem import AllocationProblem
+
+
+@dataclass
+class RefineConfig:
+    """Settings of the refinement stage (validated)."""
+
+    enabled: bool = True
+    max_passes: float = (
+        60.0  # measurement budget: full forward passes over the tuning data (guard: its share)
+    )
+    max_rounds: int = 8
+    verify_per_round: int = 4  # candidate moves measured for real per round
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise BitsearchError("refine.enabled must be true or false")
+        for name in ("max_rounds", "verify_per_round", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BitsearchError(f"refine.{name} must be a positive integer, got {v!r}")
+        if (
+            isinstance(self.max_passes, bool)
+            or not isinstance(self.max_passes, (int, float))
+            or not self.max_passes > 0
+        ):
+            raise BitsearchError(f"refine.max_passes must be a positive number, got {self.max_passes!r}")
+        self.max_passes = float(self.max_passes)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RefineConfig:
+        if d is None:
+            return cls()
+        if isinstance(d, bool):
+            return cls(enabled=d)
+        if not isinstance(d, dict):
+            raise BitsearchError("refine settings must be an object or true/false")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise BitsearchError(f"unknown refine setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "max_passes": self.max_passes,
+            "max_rounds": self.max_rounds,
+            "verify_per_round": self.verify_per_round,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass
+class RefineResult:
+    allocation: Allocation
+    choice: np.ndarray
+    start: np.ndarray
+    steps: list[dict[str, Any]]  # kept moves, in order
+    kl_start: float  # mean KL to FP32 on the tuning data
+    kl_end: float
+    guard_metric: str | None  # "top1" / "agreement" on the guard data, or None without guard data
+    guard_start: float | None
+    guard_end: float | None
+    cost: dict[str, Any] = field(default_factory=dict)
+    stopped: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "kl_start": self.kl_start,
+            "kl_end": self.kl_end,
+            "guard_metric": self.guard_metric,
+            "guard_start": self.guard_start,
+            "guard_end": self.guard_end,
+            "cost": self.cost,
+            "stopped": self.stopped,
+        }
+
+
+def _neighbours(problem: AllocationProblem, g: int, j: int) -> list[int]:
+    """Allowed options one step from option j for variable g: next weight bits up/down at the same
+    activation bits, and next activation bits up/down at the same weight bits."""
+    opts = problem.options
+    cur = opts[j]
+    allowed = [k for k in range(len(opts)) if problem.allowed[g, k] and k != j]
+    out: list[int] = []
+    for axis in ("weight_bits", "activation_bits"):
+        other = "activation_bits" if axis == "weight_bits" else "weight_bits"
+        same = [
+            k
+            for k in allowed
+            if getattr(opts[k], other) == getattr(cur, other)
+            and opts[k].weight_quantizer == cur.weight_quantizer
+            and getattr(opts[k], axis) != getattr(cur, axis)
+        ]
+        up = [k for k in same if getattr(opts[k], axis) > getattr(cur, axis)]
+        down = [k for k in same if getattr(opts[k], axis) < getattr(cur, axis)]
+        if up:
+            out.append(min(up, key=lambda k: getattr(opts[k], axis)))
+        if down:
+            out.append(max(down, key=lambda k: getattr(opts[k], axis)))
+    return out
+
+
+def refine(
+    problem: AllocationProblem,
+    start: Allocation | np.ndarray,
+    model: torch.nn.Module,
+    calibration: Any,
+    tune_data: Any,
+    guard_data: Any = None,
+    quant_config: Any = None,
+    settings: RefineConfig | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> RefineResult:
+    """Refine `start` (feasible for `problem`, whose budgets are the ones to keep) by measured local search.
+
+    `calibration`: data for the quantizers' statistics. `tune_data`: where the KL to FP32 is measured (no
+    labels needed; the calibration data will do). `guard_data`: the selection data; a move that lowers the
+    ranking metric there is not kept (None: no guard). Returns the refined allocation and what it cost.
+    """
+    from quant.apply import QuantConfig, collect_statistics, needs_calibration, set_allocation, wrap_model
+    from sensitivity.measured import PrefixCache, _logits, per_sample_metric
+    from zoo.evaluate import evaluate, predict
+
+    from zoo.data import as_dataset
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    cfg = settings or RefineConfig()
+    config = quant_config or QuantConfig()
+    progress = progress or (lambda f, m: None)
+    choice = problem.choice_of(start) if isinstance(start, Allocation) else np.asarray(start, dtype=np.int64)
+    bad = problem.violations(choice)
+    if bad:
+        raise BitsearchError(f"refine: the starting allocation is not feasible: {'; '.join(bad[:3])}")
+    start_choice = choice.copy()
+    tune = as_dataset(tune_data, "tune_data")
+    guard = as_dataset(guard_data, "guard_data") if guard_data is not None else None
+    n_tune = len(tune)
+
+    qmodel = copy.deepcopy(model).eval()
+    wrappers = wrap_model(qmodel, config)
+    missing = [n for n in problem.layer_names if n not in wrappers]
+    if missing:
+        raise BitsearchError(f"refine: layer(s) {missing[:3]} not found in the model")
+    passes = 0.0
+    start_alloc = problem.to_allocation(choice)
+    any_act = any(not is_float_bits(o.activation_bits) for o in problem.options)
+    if any_act or needs_calibration(start_alloc, config):
+        if calibration is None:
+            raise BitsearchError("refine: these options need calibration data")
+        n_cal = collect_statistics(qmodel, wrappers, calibration, config)
+        passes += n_cal / n_tune
+
+    ref_tune = evaluate(model, tune).logits
+    passes += 1.0
+    ref_guard = None
+    guard_metric = None
+    if guard is not None:
+        ref_guard = evaluate(model, guard).logits
+        passes += len(guard) / n_tune
+        guard_metric = "top1" if guard.y is not None else "agreement"
+
+    def alloc_of(c: np.ndarray) -> Allocation:
+        return Allocation({n: problem.options[k] for n, k in zip(problem.layer_names, c.tolist())})
+
+    def full(c: np.ndarray) -> tuple[torch.Tensor, float]:
+        """Per-item KL on the tuning data of allocation c (one full pass)."""
+        nonlocal passes
+        set_allocation(qmodel, alloc_of(c))
+        logits = predict(qmodel, tune, cfg.batch_size)
+        passes += 1.0
+        per = per_sample_metric(logits, ref_tune, None, "kl")  # as the moves below are measured
+        return per, float(per.mean())
+
+    def guard_value(c: np.ndarray) -> float | None:
+        nonlocal passes
+        if guard is None:
+            return None
+        set_allocation(qmodel, alloc_of(c))
+        r = evaluate(qmodel, guard, reference_logits=ref_guard)
+        passes += len(guard) / n_tune
+        return float(r.top1 if guard_metric == "top1" else r.agreement)
+
+    layers = problem.table.layers
+    total_macs = float(sum(li.macs for li in layers)) or 1.0
+    macs_before = np.concatenate([[0.0], np.cumsum([li.macs for li in layers])[:-1]]) / total_macs
+    first_layer = [min(members) for members in problem.groups]  # layer order = execution order
+    batches = [tune.x[i : i + cfg.batch_size] for i in range(0, n_tune, cfg.batch_size)]
+    ref_batches = [ref_tune[i : i + cfg.batch_size] for i in range(0, n_tune, cfg.batch_size)]
+
+    base_kl, kl = full(choice)
+    kl_start = kl
+    g_cur = guard_value(choice)
+    guard_start = g_cur
+    steps: list[dict[str, Any]] = []
+    stopped = "no measured move improves the KL without lowering the guard metric"
+    sum_metrics = [b.metric for b in problem.sum_budgets]
+    rounds = 0
+    measured_moves = verified = 0
+
+    def var_choice(c: np.ndarray) -> np.ndarray:
+        return problem.compress(c)
+
+    while rounds < cfg.max_rounds:
+        rounds += 1
+        vc = var_choice(choice)
+        # 1. one-step moves of every variable, measured with the others at their current options
+        moves: list[tuple[int, int, float]] = []  # (variable, option, mean ΔKL)
+        planned = [(g, _neighbours(problem, g, int(vc[g]))) for g in range(problem.n_vars)]
+        cost_round = sum(
+            macs_before[first_layer[g]] * (1 if nb else 0) + (1 - macs_before[first_layer[g]]) * len(nb)
+            for g, nb in planned
+        )
+        if passes + cost_round + 1.0 > cfg.max_passes:
+            stopped = f"measurement budget reached ({passes:.1f} of {cfg.max_passes:g} passes)"
+            break
+        set_allocation(qmodel, alloc_of(choice))
+        for gi, (g, nb) in enumerate(planned):
+            if not nb:
+                continue
+            target = wrappers[problem.layer_names[first_layer[g]]]
+            members = [wrappers[problem.layer_names[i]] for i in problem.groups[g]]
+            current_bits = problem.options[int(vc[g])]
+            prefix = float(macs_before[first_layer[g]])
+            cacher = PrefixCache(qmodel, target) if prefix > 0 else None
+            deltas: list[list[torch.Tensor]] = [[] for _ in nb]
+            for b, xb in enumerate(batches):
+                cache = cacher.capture(xb) if cacher is not None else None
+                for m, k in enumerate(nb):
+                    for q in members:
+                        q.set_bits(problem.options[k])
+                    with torch.no_grad():
+                        out = qmodel(xb) if cache is None else cacher.replay(xb, cache)
+                    per = per_sample_metric(_logits(out), ref_batches[b], None, "kl")
+                    deltas[m].append(per)
+                for q in members:
+                    q.set_bits(current_bits)
+            passes += prefix + (1 - prefix) * len(nb)
+            measured_moves += len(nb)
+            for m, k in enumerate(nb):
+                moves.append((g, k, float((torch.cat(deltas[m]) - base_kl).mean())))
+            progress(
+                min(0.99, passes / cfg.max_passes), f"refine round {rounds}: measured {gi + 1}/{len(planned)}"
+            )
+        # 2. candidate moves: singles that fit alone, and pairs on two variables, by predicted ΔKL
+        cands: list[tuple[float, tuple[tuple[int, int], ...]]] = []
+        for g, k, d in moves:
+            if d < 0:
+                c = vc.copy()
+                c[g] = k
+                if problem.feasible(problem.expand(c)):
+                    cands.append((d, ((g, k),)))
+        improving = [mv for mv in moves if mv[2] < 0]
+        for g, k, d in improving:
+            for h, l, e in moves:
+                if h == g or d + e >= 0:
+                    continue
+                c = vc.copy()
+                c[g], c[h] = k, l
+                if not _fits_sums(problem, c, sum_metrics):
+                    continue
+                if problem.feasible(problem.expand(c)):
+                    cands.append((d + e, ((g, k), (h, l))))
+        cands.sort(key=lambda t: t[0])
+        # 3. verify the best few for real
+        kept = False
+        touched: set[int] = set()
+        tried = 0
+        for predicted, mv in cands:
+            if tried >= cfg.verify_per_round:
+                break
+            if any(g in touched for g, _ in mv):
+                continue
+            cost_verify = 1.0 + (len(guard) / n_tune if guard is not None else 0.0)
+            if passes + cost_verify > cfg.max_passes:
+                stopped = f"measurement budget reached ({passes:.1f} of {cfg.max_passes:g} passes)"
+                break
+            tried += 1
+            verified += 1
+            c = var_choice(choice)
+            for g, k in mv:
+                c[g] = k
+            new_choice = problem.expand(c)
+            new_base, new_kl = full(new_choice)
+            if not new_kl < kl:
+                continue
+            new_guard = guard_value(new_choice)
+            if g_cur is not None and new_guard is not None and new_guard < g_cur:
+                continue
+            steps.append(
+                {
+                    "round": rounds,
+                    "moves": [
+                        {
+                            "layers": [problem.layer_names[i] for i in problem.groups[g]],
+                            "from": problem.options[int(vc[g])].label(),
+                            "to": problem.options[k].label(),
+                        }
+                        for g, k in mv
+                    ],
+                    "predicted_dkl": predicted,
+                    "kl": new_kl,
+                    "guard": new_guard,
+                }
+            )
+            choice, base_kl, kl, g_cur = new_choice, new_base, new_kl, new_guard
+            touched.update(g for g, _ in mv)
+            kept = True
+        if not kept:
+            if not stopped.startswith("measurement budget"):
+                stopped = "no measured move improves the KL without lowering the guard metric"
+            break
+    else:
+        stopped = f"stopped after {cfg.max_rounds} rounds"
+    assert problem.feasible(choice)
+    cost = {
+        "passes": round(passes, 3),
+        "max_passes": cfg.max_passes,
+        "tune_samples": n_tune,
+        "guard_samples": len(guard) if guard is not None else 0,
+        "rounds": rounds,
+        "moves_measured": measured_moves,
+        "moves_verified": verified,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+    }
+    progress(1.0, f"refined: {len(steps)} move(s) kept, KL {kl_start:.4g} -> {kl:.4g}")
+    allocation = problem.to_allocation(choice, refined=True)
+    return RefineResult(
+        allocation, choice, start_choice, steps, kl_start, kl, guard_metric, guard_start, g_cur, cost, stopped
+    )
+
+
+def _fits_sums(problem: AllocationProblem, var_choice: np.ndarray, metrics: list[str]) -> bool:
+    """Quick check of the additive budgets before the full feasibility check."""
+    rows = np.arange(problem.n_vars)
+    for m in metrics:
+        b = problem.budget(m)
+        if b is not None and not b.holds(float(problem.costs[m][rows, var_choice].sum())):
+            return False
+    return True
+
+
+def refined_point(problem: AllocationProblem, result: RefineResult, budget: float | None = None) -> Any:
+    """A front point (kind "mixed", label "refined") for a refinement's result."""
+    from .pareto import ParetoPoint
+
+    predicted, metrics = problem.evaluate(result.choice)
+    return ParetoPoint(
+        allocation=result.allocation,
+        predicted=predicted,
+        metrics=metrics,
+        kind="mixed",
+        budget=budget,
+        label="refined",
+        refinement=result.summary(),
+    )
+
+
+__all__ = ["RefineConfig", "RefineResult", "refine", "refined_point"]
