@@ -153,7 +153,7 @@ def sensitivity(
     loaded, resolved = prepare(s, None if _is_ref(model) else model, None if _is_ref(data) else data,
                                example_input=example_input)
     opts = SensitivityOptions(tuple(s.options.weight_bits), tuple(s.options.activation_bits),
-                              samples=s.sensitivity.samples, seed=s.seed, params=dict(s.sensitivity.settings))
+                              schemes=tuple(s.options.schemes), samples=s.sensitivity.samples, seed=s.seed, params=dict(s.sensitivity.settings))
     return compute_sensitivity(loaded.model, resolved.calibration, s.sensitivity.method, opts, progress=progress,
                                example_input=loaded.example_input)
 

@@ -97,6 +97,7 @@ def run_search(
 
         t = time.perf_counter()
         options = SensitivityOptions(tuple(s.options.weight_bits), tuple(s.options.activation_bits),
+                                     schemes=tuple(s.options.schemes),
                                      samples=s.sensitivity.samples, seed=s.seed, quant=config,
                                      params=dict(s.sensitivity.settings))
         table = compute_sensitivity(loaded.model, resolved.calibration, s.sensitivity.method, options,

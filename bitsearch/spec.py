@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quant.allocation import VALID_BITS, LayerBits
 from quant.errors import BitsearchError
 
-METRICS = ("weight_memory", "avg_weight_bits", "bops", "peak_activation_memory", "latency")
+METRICS = ("weight_memory", "avg_weight_bits", "bpw", "bops", "peak_activation_memory", "latency")
 ROLES = ("train", "calibration", "selection", "report")
 MAX_SETTINGS_BYTES = 64 * 1024
 MAX_CLASSES = 100_000  # a label above this is not a class index (issue: labels of 2**40 were accepted)
@@ -86,7 +86,7 @@ def bits_text(v: str | LayerBits, what: str) -> str:
 class BudgetIn(Strict):
     """An upper limit on one cost metric. Also written as text: 'avg_wbits=3', 'bops<=1.2G'."""
 
-    metric: Literal["weight_memory", "avg_weight_bits", "bops", "peak_activation_memory", "latency"]
+    metric: Literal["weight_memory", "avg_weight_bits", "bpw", "bops", "peak_activation_memory", "latency"]
     value: float | str = Field(
         description="An upper limit: a number in internal units (bits for memory, BOPs, bits per weight, "
         "seconds) or a string with a unit, e.g. '64KiB', '1.2G', '3.5bits', '2ms'.",
@@ -147,9 +147,17 @@ class SearchOptions(Strict):
 
     weight_bits: list[int] = Field(
         default=[2, 3, 4, 5, 6, 8],
-        min_length=1,
+        min_length=0,
         max_length=10,
-        description=f"Weight bit-widths a layer may take; among {list(VALID_BITS)}.",
+        description=f"Weight bit-widths a layer may take (integer, per channel); among {list(VALID_BITS)}. "
+                    "May be empty when `schemes` names the options.",
+    )
+    schemes: list[str] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Named weight schemes a layer may take besides `weight_bits` (quant.formats), e.g. "
+                    "'int4-g128', 'int4-g128-asym', 'fp8-e4m3', 'mxfp4', 'nvfp4'; each combined with every "
+                    "activation option. Priced by sensitivity methods that support schemes (measured).",
     )
     activation_bits: list[int] = Field(
         default=[32],
@@ -180,6 +188,23 @@ class SearchOptions(Strict):
         if info.field_name == "activation_bits" and 1 in v:
             raise ValueError("activation_bits must be at least 2 (or 16/32 for float)")
         return sorted(set(v))
+
+    @field_validator("schemes")
+    @classmethod
+    def _schemes(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            try:
+                out.append(LayerBits.of(name).scheme_name)
+            except BitsearchError as exc:
+                raise ValueError(f"schemes: {exc}") from None
+        return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _some_option(self) -> "SearchOptions":
+        if not self.weight_bits and not self.schemes:
+            raise ValueError("give at least one weight option: weight_bits or schemes")
+        return self
 
     @field_validator("pins")
     @classmethod
@@ -399,6 +424,16 @@ class SearchSpec(Strict):
         metrics = [b.metric for b in self.budgets]
         if len(set(metrics)) != len(metrics):
             raise ValueError("give at most one budget per metric")
+        if self.options.schemes:
+            from .registry import sensitivity_methods
+
+            impl = sensitivity_methods.get(self.sensitivity.method) if self.sensitivity.method in \
+                sensitivity_methods else None
+            if impl is not None and not getattr(impl, "supports_schemes", False):
+                able = sorted(n for n in sensitivity_methods if getattr(sensitivity_methods.get(n),
+                                                                       "supports_schemes", False))
+                raise ValueError(f"the {self.sensitivity.method!r} sensitivity method prices integer bit-widths "
+                                 f"only, not the schemes {self.options.schemes}; use one of {able}")
         if "latency" in metrics + [self.pareto_metric] and not self.latency_table:
             raise ValueError("a latency budget needs a latency_table")
         if self.latency_table is not None:

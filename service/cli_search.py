@@ -120,8 +120,9 @@ def search_spec_from_flags(
     method: str, method_param: list[str], solver: str, solver_param: list[str], pareto: int,
     metric: Optional[str], weight_bits: str, activation_bits: str, keep_first_last: bool, clip: Optional[str],
     samples: int, calib_size: int, limit: Optional[int], no_measure: bool, seed: int,
-    selection_data: Optional[str] = None, report_data: Optional[str] = None,
+    selection_data: Optional[str] = None, report_data: Optional[str] = None, schemes: str = "",
 ) -> SearchSpec:
+    scheme_list = [p.strip() for p in schemes.split(",") if p.strip()]
     roles = {r: {"source": v} for r, v in (("calibration", calib_data), ("selection", selection_data),
                                            ("report", report_data)) if v is not None}
     return SearchSpec.parse({
@@ -129,7 +130,8 @@ def search_spec_from_flags(
         "budgets": list(budget), "pareto_points": pareto, "pareto_metric": metric,
         "sensitivity": {"method": method, "settings": _kv(method_param, "--method-param"), "samples": samples},
         "solver": {"name": solver, "settings": _kv(solver_param, "--solver-param")},
-        "options": {"weight_bits": _bits_list(weight_bits, "--weight-bits"),
+        "options": {"weight_bits": [] if scheme_list and weight_bits.strip().lower() in ("", "none")
+                    else _bits_list(weight_bits, "--weight-bits"), "schemes": scheme_list,
                     "activation_bits": _bits_list(activation_bits, "--activation-bits"),
                     "keep_first_last": keep_first_last},
         "quant": {"weight_clip": clip} if clip else {}, "calib_size": calib_size, "eval_limit": limit,
@@ -154,6 +156,9 @@ def search(
     metric: Optional[str] = typer.Option(SPEC["pareto_metric"], "--metric", help="Cost axis of the sweep (default: first budget's)."),
     weight_bits: str = typer.Option(_bits_csv(SPEC["options.weight_bits"]), "--weight-bits"),
     activation_bits: str = typer.Option(_bits_csv(SPEC["options.activation_bits"]), "--activation-bits"),
+    schemes: str = typer.Option(",".join(SPEC["options.schemes"]), "--schemes",
+                                help="Comma-separated weight schemes besides --weight-bits (int4-g128, mxfp4, nvfp4, "
+                                     "fp8-e4m3, ...); --weight-bits none for schemes only. Needs --method measured."),
     keep_first_last: bool = typer.Option(SPEC["options.keep_first_last"], "--keep-first-last", help="Pin the first and last layer at W8A8."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Weight clipping used to realise every option (default: QuantConfig's)."),
     samples: int = typer.Option(SPEC["sensitivity.samples"], "--samples", min=1, help="Data items the sensitivity method may use."),
@@ -173,7 +178,7 @@ def search(
 
     spec = search_spec_from_flags(model, weights, data, calib_data, budget, method, method_param, solver,
                                   solver_param, pareto, metric, weight_bits, activation_bits, keep_first_last, clip,
-                                  samples, calib_size, limit, no_measure, seed, selection_data, report_data)
+                                  samples, calib_size, limit, no_measure, seed, selection_data, report_data, schemes)
     spec = SearchSpec.parse({**spec.model_dump(), "refine": not no_refine, "confidence": confidence})
     with status("searching") as s:
         result = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))

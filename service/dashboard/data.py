@@ -19,6 +19,7 @@ from service.api.schemas import BudgetIn, JobOut, ParetoOut, PointOut, SearchOut
 X_METRICS: dict[str, tuple[str, float]] = {
     "weight_memory": ("weight memory (KiB)", 1 / 8 / 1024),
     "avg_weight_bits": ("average weight bits", 1.0),
+    "bpw": ("bits per weight (with scales)", 1.0),
     "bops": ("BOPs", 1.0),
     "latency": ("latency (ms)", 1e3),
 }
