@@ -151,6 +151,8 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
     study, _ = load_fanout_study(url, study_name)
     trials = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):  # closed unrun: two workers started the last trial at once
+            continue
         trials.append({
             "number": t.number, "state": t.state.name, "worker": t.user_attrs.get("worker"),
             "score": None if t.values is None else t.values[0], "cost": None if t.values is None else t.values[1],
