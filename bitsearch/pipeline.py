@@ -78,7 +78,7 @@ def run_search(
     of the spec's references. `measured_context`: where the measured solvers (bayes, bomp-nas, qbitopt) keep
     their study and checkpoints (`search.measured.measured_front`; the service passes its database)."""
     from search import AllocationProblem, Budget, measure_front, pareto_front, recommend
-    from search.problem import canonical_metric
+    from search.budgets import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
 
     s = SearchSpec.parse(spec)

@@ -6,7 +6,6 @@ stderr with exit code 2 and no traceback unless `--debug`.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +25,10 @@ def ptq(
     data: Optional[str] = typer.Option(None, "--data", help="Evaluation data: zoo:NAME or an .npz file."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data (zoo:NAME or .npz)."),
     calib_size: int = typer.Option(256, "--calib-size", min=1, help="Calibration samples."),
-    bits: list[str] = typer.Option(["8/8", "4/8", "4"], "--bits", help="W/A bits, e.g. 4/8; W alone = weights only. Repeatable."),
+    bits: list[str] = typer.Option([], "--bits", help="W/A bits, e.g. 4/8; W alone = weights only. Repeatable "
+                                   "(default without --allocation: 8/8, 4/8, 4)."),
+    allocation: list[Path] = typer.Option([], "--allocation", help="An allocation JSON (e.g. from `bitsearch search "
+                                          "--allocation`) to evaluate as well. Repeatable."),
     clip: str = typer.Option("auto", "--clip", help="Weight clipping: minmax, percentile, mse, aciq, output_mse, auto."),
     act_clip: str = typer.Option("minmax", "--act-clip", help="Activation clipping: minmax, percentile, mse, aciq."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per layer instead of per channel."),
@@ -35,9 +37,17 @@ def ptq(
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
 ) -> None:
-    """Post-training quantization at uniform bit-widths: accuracy, size and BOPs against FP32."""
-    from quant import QuantConfig
-    from service.pipeline import resolve_inputs, run_ptq, seed_everything, uniform_allocations
+    """Post-training quantization of uniform bit-widths and of any allocation: accuracy, size and BOPs against
+    FP32."""
+    from quant import Allocation, QuantConfig
+    from service.pipeline import (
+        DEFAULT_PTQ_BITS,
+        checked_allocation,
+        resolve_inputs,
+        run_ptq,
+        seed_everything,
+        uniform_allocations,
+    )
 
     seed_everything(seed)
     config = QuantConfig(
@@ -51,7 +61,8 @@ def ptq(
         inputs = resolve_inputs(model, str(weights) if weights else None, data, calib_data, calib_size, limit, seed)
         if inputs.evaluation is None:
             raise BitsearchError(f"{model} has no built-in data set: give --data (an .npz file)")
-        allocations = uniform_allocations(inputs, bits)
+        allocations = uniform_allocations(inputs, bits or DEFAULT_PTQ_BITS) if bits or not allocation else []
+        allocations += [(path.stem, checked_allocation(Allocation.load(path), inputs)) for path in allocation]
         reference, results = run_ptq(inputs, allocations, config, progress=lambda m: s.update(m))
     for note in inputs.notes:
         err_console.print(f"[yellow]note:[/] {note}")
@@ -256,10 +267,9 @@ def keys_create(
 
 
 def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
-    """A local worker process of `serve` (spawned): registers the service's job kinds, then polls for jobs."""
+    """A local worker process of `serve` (spawned): polls for jobs of every kind (`service.jobs.kinds`)."""
     import logging
 
-    from service.api import search_job  # noqa: F401
     from service.jobs.local import lower_priority, work_loop
     from service.settings import get_settings
 

@@ -116,13 +116,30 @@ def run_ptq(
     return reference, results
 
 
+#: What `bitsearch ptq` evaluates when given neither bits nor allocations.
+DEFAULT_PTQ_BITS = ["8/8", "4/8", "4"]
+
+
+def checked_allocation(alloc: Allocation, inputs: Inputs) -> Allocation:
+    """`alloc`, when it gives an option to exactly the model's quantizable layers."""
+    names = set(inputs.layer_names)
+    missing, extra = sorted(names - set(alloc.layers)), sorted(set(alloc.layers) - names)
+    if missing or extra:
+        raise BitsearchError(
+            f"the allocation does not fit {inputs.loaded.spec.ref}: "
+            + "; ".join(x for x in (f"no option for {missing[:5]}" if missing else "",
+                                    f"unknown layers {extra[:5]}" if extra else "") if x)
+        )
+    return alloc
+
+
 def uniform_allocations(inputs: Inputs, bits: list[str]) -> list[tuple[str, Allocation]]:
     out = []
     for b in bits:
         lb = LayerBits.parse(b)
         out.append((lb.label(), Allocation.uniform(inputs.layer_names, lb, model=inputs.loaded.spec.ref)))
     if not out:
-        raise BitsearchError("give at least one --bits option")
+        raise BitsearchError("give at least one --bits option or an --allocation")
     return out
 
 

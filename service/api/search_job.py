@@ -20,7 +20,7 @@ from bitsearch.spec import SearchSpec
 from db import repo
 from db.models import new_id
 from quant.errors import BitsearchError
-from service.jobs.kinds import JobCancelled, JobContext, JobOutput, register_kind
+from service.jobs.kinds import JobCancelled, JobContext, JobOutput
 
 from .schemas import SearchRequest
 
@@ -110,7 +110,6 @@ def _search_for(sf, spec: Mapping[str, Any], job_id: str) -> str | None:
     return search.id
 
 
-@register_kind("search")
 def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     from db.session import session_factory
     from service.settings import get_settings
@@ -142,23 +141,25 @@ def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         raise JobCancelled(ctx.job_id)  # the search was deleted while it ran
     result: dict[str, Any] = {"search_id": search_id, **counts}
     if spec.get("_qat") and spec.get("_tenant_id"):
-        result["qat_jobs"] = submit_finetunes(sf, spec, search_id, spec["_tenant_id"], None, spec["_qat"])
+        from service.searches import queue_jobs
+
+        tenant = spec["_tenant_id"]
+        specs = finetune_specs(sf, spec, search_id, tenant, None, spec["_qat"])
+        ids = queue_jobs(sf, get_settings(), tenant, search_id, [("qat", p, s) for p, s in specs])
+        result["qat_jobs"] = [{"point": p, "job_id": j} for (p, _), j in zip(specs, ids)]
     return JobOutput(result)
 
 
-def submit_finetunes(
+def finetune_specs(
     sf,
     spec: Mapping[str, Any],
     search_id: str,
     tenant_id: str,
     points: list[int] | None,
     recipe: dict[str, Any],
-    settings=None,
-) -> list[dict[str, Any]]:
-    """Queue one "qat" job per point (default: the recommended ones) of a finished search; returns
-    [{"point", "job_id"}]. Raises BitsearchError naming points that do not exist."""
-    from service.jobs.dispatch import submit_job
-
+) -> list[tuple[int, dict[str, Any]]]:
+    """The "qat" job spec of each point (default: the recommended ones) of a finished search, as
+    [(point, spec)]. Raises BitsearchError naming points that do not exist."""
     stored = repo.get_points(sf, tenant_id, search_id)
     chosen = points if points is not None else [p.index for p in stored if p.recommended]
     by_index = {p.index: p for p in stored}
@@ -167,7 +168,9 @@ def submit_finetunes(
         raise BitsearchError(
             f"no point(s) {missing} with an allocation in search {search_id} (it has {len(stored)} points)"
         )
-    jobs = []
+    roles = {r: (spec.get("roles") or {}).get(r) or {} for r in ("train", "calibration", "report")}
+    sources = {r: v["source"] for r, v in roles.items() if v.get("source")}
+    out = []
     for i in dict.fromkeys(chosen):
         _, alloc = repo.get_point_allocation(sf, tenant_id, search_id, i)
         job_spec = {
@@ -177,14 +180,10 @@ def submit_finetunes(
             "allocation": alloc.allocation,
             "recipe": dict(recipe),
         }
-        roles = {r: (spec.get("roles") or {}).get(r) or {} for r in ("train", "calibration", "report")}
-        sources = {r: v["source"] for r, v in roles.items() if v.get("source")}
         if sources:  # the search named its own training (or other) data: fine-tuning uses it
             job_spec["roles"] = sources
-        job = submit_job(sf, "qat", job_spec, settings=settings)
-        repo.link_job(sf, search_id, job.id, tenant_id, "qat", i)
-        jobs.append({"point": i, "job_id": job.id})
-    return jobs
+        out.append((i, job_spec))
+    return out
 
 
 def build_spec(
