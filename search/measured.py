@@ -149,6 +149,13 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
     run_trials(url, study_name, worker=worker, on_trial=on_trial, stop=stop, seed=cfg.seed)
     pts = front(url, study_name)
     study, _ = load_fanout_study(url, study_name)
+    if not pts:
+        states = [t.state.name for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+        raise BitsearchError(
+            f"bomp-nas: none of the study's {len(states)} trials ({states.count('COMPLETE')} complete) was a "
+            "measured architecture within the budgets; raise total_trials, loosen the budgets, or narrow the "
+            "space to smaller shapes"
+        )
     trials = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):  # closed unrun: two workers started the last trial at once

@@ -86,7 +86,8 @@ def test_bomp_nas_round_trip_front_carries_architectures_and_fans_out(tmp_path, 
 
     body = {**BASE, "budgets": [{"metric": "weight_memory", "value": "6KB"}],
             "solver": {"name": "bomp-nas", "settings": {"total_trials": 3, "train_steps": 5, "qaft_steps": 5,
-                                                        "batch_size": 32, "workers": 2}}}
+                                                        "batch_size": 32, "workers": 2,
+                                                        "space": {"width": [0.125, 0.25]}}}}  # all fit 6 KB
     sf, acc, pareto, allocs, detail = _round_trip(tmp_path, settings, monkeypatch, body)
     assert allocs and all("arch" in a.metadata for a in allocs)
     for a in allocs:  # each point's layers are its own architecture's
@@ -125,6 +126,7 @@ def test_cli_runs_bomp_nas_and_writes_points_with_their_architecture(tmp_path, c
     code = main(["search", "--model", "zoo:digits-mlp", "--data", "zoo:digits", "--weight-bits", "2,4,8",
                  "--budget", "weight_memory=6KB", "--solver", "bomp-nas", "--solver-param", "total_trials=2",
                  "--solver-param", "train_steps=3", "--solver-param", "qaft_steps=3", "--solver-param", "workers=1",
+                 "--solver-param", 'space={"width": [0.125, 0.25]}',
                  "--json", str(out)])
     assert code == 0, capsys.readouterr()
     result = json.loads(out.read_text())
