@@ -92,10 +92,10 @@ def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
 
     settings = get_settings()
 
-    def submit_helpers(url: str, study: str, n: int) -> list[str]:
-        key = f"study-helpers-{study}"
+    def submit_trial_jobs(url: str, study: str, n: int) -> list[str]:
+        key = f"study-trial-jobs-{study}"
         marker = Path(ctx.workdir) / f"{key}.json"
-        if marker.exists():  # a re-run of this job: its helpers were queued by the first attempt
+        if marker.exists():  # a re-run of this job: its trial jobs were queued by the first attempt
             return json.loads(marker.read_text())
         ids = [submit_job(sf, "study-trials", {"storage": url, "study": study}, settings=settings).id
                for _ in range(n)]
@@ -103,9 +103,18 @@ def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
         return ids
 
     return {"storage": study_url(settings.db_url), "study": f"search-{search_id}", "workdir": ctx.workdir,
-            "submit_helpers": submit_helpers, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
+            "submit_trial_jobs": submit_trial_jobs, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
 
 
 register_trials_kind()  # every process that imports this module (the search job's, the workers) knows the kind
 
-__all__ = ["MEASURED_SOLVERS", "check_servable", "has_train_data", "measured_context", "register_trials_kind", "run_bomp_nas", "run_qbitopt", "study_url"]
+__all__ = [
+    "MEASURED_SOLVERS",
+    "check_servable",
+    "has_train_data",
+    "measured_context",
+    "register_trials_kind",
+    "run_bomp_nas",
+    "run_qbitopt",
+    "study_url",
+]

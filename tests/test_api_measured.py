@@ -94,13 +94,13 @@ def test_bomp_nas_round_trip_front_carries_architectures_and_fans_out(tmp_path, 
         depth = a.metadata["arch"]["depth"]
         assert len(a.layers) == depth + 1
     assert all(p["metrics"]["weight_memory"] <= 6 * 1024 * 8 for p in pareto["points"])
-    # the helper job queued by the search finds the study done when a worker gets to it: it runs nothing
+    # the trial job queued by the search finds the study done when a worker gets to it: it runs nothing
     with sf() as s:
-        helpers = s.scalars(select(Job).where(Job.kind == "study-trials")).all()
-    assert len(helpers) == 1
+        trial_jobs = s.scalars(select(Job).where(Job.kind == "study-trials")).all()
+    assert len(trial_jobs) == 1
     _run_worker_once(sf, monkeypatch, None)
-    helper = job_repo.get(sf, helpers[0].id)
-    assert helper.status.value == "succeeded" and helper.result["study_done"] == 3
+    queued = job_repo.get(sf, trial_jobs[0].id)
+    assert queued.status.value == "succeeded" and queued.result["study_done"] == 3
 
 
 @pytest.mark.slow
