@@ -114,10 +114,7 @@ class SearchResult(JsonFile):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SearchResult":
-        if not isinstance(d, Mapping) or d.get("schema") != RESULT_SCHEMA:
-            raise BitsearchError(f"not a search result (schema must be {RESULT_SCHEMA!r})")
-        if d.get("version") != RESULT_VERSION:
-            raise BitsearchError(f"search result version {d.get('version')!r} is not supported")
+        cls.check_header(d, RESULT_SCHEMA, RESULT_VERSION)
         try:
             front = ParetoFront.from_dict(d["front"])
             points = list(front.points) + list(front.uniform)

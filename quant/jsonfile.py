@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from .errors import BitsearchError
 
@@ -20,6 +20,14 @@ class JsonFile:
     @classmethod
     def from_dict(cls, d: Any) -> Any:  # pragma: no cover - every format defines it
         raise NotImplementedError
+
+    @classmethod
+    def check_header(cls, d: Any, schema: str, version: int) -> None:
+        """Refuse `d` unless it is an object with this format's `schema` name and a `version` it reads."""
+        if not isinstance(d, Mapping) or d.get("schema") != schema:
+            raise BitsearchError(f"not a {cls.json_what} (schema must be {schema!r})")
+        if d.get("version") != version:
+            raise BitsearchError(f"{cls.json_what} version {d.get('version')!r} is not supported")
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

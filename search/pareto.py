@@ -129,10 +129,7 @@ class ParetoFront(JsonFile):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ParetoFront":
-        if not isinstance(d, Mapping) or d.get("schema") != FRONT_SCHEMA:
-            raise BitsearchError(f"not a Pareto front (schema must be {FRONT_SCHEMA!r})")
-        if d.get("version") != FRONT_VERSION:
-            raise BitsearchError(f"Pareto front version {d.get('version')!r} is not supported")
+        cls.check_header(d, FRONT_SCHEMA, FRONT_VERSION)
         return cls(
             metric=canonical_metric(d["metric"]),
             points=[ParetoPoint.from_dict(p) for p in d.get("points", [])],

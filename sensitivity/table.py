@@ -101,10 +101,7 @@ class SensitivityTable(JsonFile):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SensitivityTable":
-        if not isinstance(d, Mapping) or d.get("schema") != TABLE_SCHEMA:
-            raise BitsearchError(f"not a sensitivity table (schema must be {TABLE_SCHEMA!r})")
-        if d.get("version") != TABLE_VERSION:
-            raise BitsearchError(f"sensitivity table version {d.get('version')!r} is not supported")
+        cls.check_header(d, TABLE_SCHEMA, TABLE_VERSION)
         try:
             layers = [LayerInfo.from_dict(l) for l in d["layers"]]
             options = [LayerBits.from_dict(o, where="option") for o in d["options"]]
