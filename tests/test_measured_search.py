@@ -107,11 +107,9 @@ def test_study_trials_jobs_run_a_fanout_study_through_the_job_system(tmp_path):
     from db import jobs as repo
     from search.solvers.bompnas import BompNasConfig, create, front
     from service.jobs.runner import execute
-    from service.measured_search import register_trials_kind
     from service.settings import Settings
     from tests.helpers import make_sf
 
-    register_trials_kind()
     sf = make_sf("sqlite", tmp_path)
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'test.db'}")
     url = study_url(settings.db_url)
