@@ -115,12 +115,12 @@ def bayes_solver_options(settings: dict[str, Any], model: Any, calibration: Any,
 
 def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budgets: Sequence[str],
                  settings: dict[str, Any], storage: str, study_name: str, report: Any = None,
-                 submit_helpers: Callable[[str, str, int], list[str]] | None = None,
+                 submit_trial_jobs: Callable[[str, str, int], list[str]] | None = None,
                  progress: ProgressFn | None = None, stop: Callable[[], bool] | None = None,
                  worker: str | None = None) -> dict[str, Any]:
     """Run (or resume) the BOMP-NAS study of one search; returns the front, the trials and the recommendation.
 
-    `submit_helpers(url, study, n)` queues n "study-trials" jobs (returns their ids); this call runs trials too
+    `submit_trial_jobs(url, study, n)` queues n "study-trials" jobs (returns their ids); this call runs trials too
     and returns once every lineage of the study is done.
     """
     from search.pareto import ParetoFront, ParetoPoint
@@ -139,8 +139,10 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
     url = storage
     t0 = time.perf_counter()
     create(url, study_name, cfg)
-    helpers = submit_helpers(url, study_name, cfg.workers - 1) if submit_helpers and cfg.workers > 1 else []
-    progress(0.02, f"bomp-nas: study {study_name}, {cfg.total_trials} trials over {1 + len(helpers)} job(s)")
+    trial_jobs = []
+    if submit_trial_jobs is not None and cfg.workers > 1:
+        trial_jobs = submit_trial_jobs(url, study_name, cfg.workers - 1)
+    progress(0.02, f"bomp-nas: study {study_name}, {cfg.total_trials} trials over {1 + len(trial_jobs)} job(s)")
     total = cfg.total_trials
 
     def on_trial(p) -> None:
@@ -149,8 +151,17 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
     run_trials(url, study_name, worker=worker, on_trial=on_trial, stop=stop, seed=cfg.seed)
     pts = front(url, study_name)
     study, _ = load_fanout_study(url, study_name)
+    if not pts:
+        states = [t.state.name for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+        raise BitsearchError(
+            f"bomp-nas: none of the study's {len(states)} trials ({states.count('COMPLETE')} complete) was a "
+            "measured architecture within the budgets; raise total_trials, loosen the budgets, or narrow the "
+            "space to smaller shapes"
+        )
     trials = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):  # closed unrun: two workers started the last trial at once
+            continue
         trials.append({
             "number": t.number, "state": t.state.name, "worker": t.user_attrs.get("worker"),
             "score": None if t.values is None else t.values[0], "cost": None if t.values is None else t.values[1],
@@ -183,7 +194,7 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
             rec["report"] = {**evaluate(again.model, report).to_dict(), "selection_rerun": again.score}
             rec["report"].pop("logits", None)
     progress(1.0, "done")
-    return {"front": fr, "trials": trials, "recommendation": rec, "helper_jobs": helpers, "study": study_name,
+    return {"front": fr, "trials": trials, "recommendation": rec, "trial_jobs": trial_jobs, "study": study_name,
             "seconds": time.perf_counter() - t0}
 
 
@@ -294,7 +305,7 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
     without), which the pipeline then measures and recommends from as any front; the recommendation is None.
     bomp-nas / qbitopt: points measured by their own training; the pipeline must not re-measure them (a
     bomp-nas point is another architecture), so they come with their recommendation (index 0-based into the
-    front's points, "report": metrics on `report`). `context`: storage, study, workdir, submit_helpers, stop.
+    front's points, "report": metrics on `report`). `context`: storage, study, workdir, submit_trial_jobs, stop.
     """
     from search.pareto import pareto_front
 
@@ -329,15 +340,16 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
         if len(list(activation_bits)) == 1:
             settings.setdefault("activation_bits", int(list(activation_bits)[0]))
         out = run_bomp_nas(model_ref, weights, data_ref, budget_texts, settings, storage,
-                           ctx.get("study") or "bomp-nas", report=report, submit_helpers=ctx.get("submit_helpers"),
+                           ctx.get("study") or "bomp-nas", report=report,
+                           submit_trial_jobs=ctx.get("submit_trial_jobs"),
                            progress=lambda f, m: progress(0.5 + 0.45 * f, m), stop=ctx.get("stop"),
                            worker=ctx.get("worker"))
-        extras = {k: out[k] for k in ("trials", "helper_jobs", "study", "seconds")}
+        extras = {k: out[k] for k in ("trials", "trial_jobs", "study", "seconds")}
         states = [t["state"] for t in out["trials"]]
         extras["summary"] = (f"study {out['study']!r}: {len(states)} trial rows, {states.count('COMPLETE')} complete, "
                              f"{states.count('FAIL')} failed (re-runs: "
                              f"{sum(1 for t in out['trials'] if t['retry_of'] is not None)}), "
-                             f"{len(out['helper_jobs'])} helper job(s)")
+                             f"{len(out['trial_jobs'])} trial job(s)")
         return out["front"], out["recommendation"], extras
     if name == "qbitopt":
         if train is None:

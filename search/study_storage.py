@@ -72,6 +72,9 @@ def make_storage(storage: Any, optuna_schema: str = "optuna", **rdb_options: Any
     elif url.startswith("postgresql"):
         import sqlalchemy as sa
 
+        # The study's tables go into their own schema: a search_path the app's URL sets (its `options`) must
+        # not send Optuna into the app's schema, so that query parameter is dropped here.
+        url = sa.engine.make_url(url).difference_update_query(["options"]).render_as_string(hide_password=False)
         engine = sa.create_engine(url, pool_pre_ping=True)
         try:
             with engine.begin() as conn:

@@ -19,6 +19,9 @@ Guarantees, with several workers and workers that die:
   stop at exactly `total_trials` done lineages;
 - `trial_timeout` is cooperative: the objective gets a `TrialContext` and calls `ctx.check()` between steps;
   a trial past its time fails (user attr `error`), and is counted as done (failed), not retried;
+- two workers may both start "the last" trial (each counted before the other asked): lineages are ranked by
+  their first trial's number, and a trial beyond `total_trials` is closed unrun with user attr `surplus`
+  (a FAIL row that no count includes);
 - on SQLite (no row locks) two workers may pop the same queued retry: each writes a claim and the loser drops
   the trial (on PostgreSQL the row lock of `set_trial_state_values` prevents it).
 
@@ -123,6 +126,7 @@ class StudyProgress:
 def progress_of(trials: Sequence[Any]) -> StudyProgress:
     """Count the lineages of `trials` (FrozenTrials of one study)."""
     lineages: dict[int, list[Any]] = {}
+    trials = [t for t in trials if not t.user_attrs.get("surplus")]
     for t in trials:
         root = t.system_attrs.get("failed_trial", t.number)
         lineages.setdefault(int(root), []).append(t)
@@ -140,6 +144,19 @@ def progress_of(trials: Sequence[Any]) -> StudyProgress:
             p.done += 1
             p.failed += 1
     return p
+
+
+def _surplus(study: Any, storage: Any, trial: Any, total: int) -> bool:
+    """Whether a newly asked trial starts a lineage beyond `total`: lineages are ranked by their first trial's
+    number (which the storage hands out atomically), so of racing workers exactly the late ones find theirs
+    surplus. A popped re-run belongs to an existing lineage and never is."""
+    if "failed_trial" in storage.get_trial_system_attrs(trial._trial_id):
+        return False
+    roots = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.number < trial.number and not t.user_attrs.get("surplus"):
+            roots.add(int(t.system_attrs.get("failed_trial", t.number)))
+    return len(roots) >= total
 
 
 def _open(storage_url: Any, fan: Fanout) -> Any:
@@ -313,6 +330,12 @@ def _loop(study, fan, objective, worker, n, poll, wait_for_others, on_trial, sto
             claim = uuid.uuid4().hex
             ctx = TrialContext(worker, None if fan.trial_timeout is None else time.monotonic() + fan.trial_timeout)
             with _Heartbeat(storage, trial._trial_id, fan.heartbeat_interval):
+                if _surplus(study, storage, trial, fan.total_trials):
+                    # Another worker started the last lineage between this worker's count and its ask: this
+                    # trial would exceed total_trials. It is closed unrun, marked, and counted nowhere.
+                    trial.set_user_attr("surplus", True)
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    continue
                 try:
                     trial.set_user_attr("claim", claim)
                     trial.set_user_attr("worker", worker)

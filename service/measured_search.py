@@ -39,34 +39,29 @@ def study_url(db_url: str) -> str:
 # --- the fan-out job kind ------------------------------------------------------------------------------------
 
 
-def register_trials_kind() -> None:
-    """Register the "study-trials" job kind (idempotent): a worker runs trials of a fan-out study."""
-    from service.jobs.kinds import KINDS, JobCancelled, JobContext, JobOutput, register_kind
+def run_study_trials(spec: dict[str, Any], ctx: Any) -> Any:
+    """The "study-trials" job kind: run trials of the fan-out study `spec["study"]` in `spec["storage"]` until
+    nothing is left to start (the job's cancellation ends it between trials)."""
+    import search.solvers.bompnas  # noqa: F401  (registers the bomp-nas trial objective)
+    from search.trials import run_trials
+    from service.jobs.kinds import JobCancelled, JobOutput
 
-    if "study-trials" in KINDS:
-        return
+    if not isinstance(spec.get("storage"), str) or not isinstance(spec.get("study"), str):
+        raise BitsearchError("a study-trials job needs 'storage' and 'study'")
+    cancelled = {"now": False}
 
-    @register_kind("study-trials")
-    def study_trials(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
-        import search.solvers.bompnas  # noqa: F401  (registers the bomp-nas trial objective)
-        from search.trials import run_trials
+    def on_trial(p) -> None:
+        try:
+            ctx.progress(min(1.0, p.done / max(1, p.done + p.running + p.waiting)), f"{p.done} trials done")
+        except JobCancelled:
+            cancelled["now"] = True
 
-        if not isinstance(spec.get("storage"), str) or not isinstance(spec.get("study"), str):
-            raise BitsearchError("a study-trials job needs 'storage' and 'study'")
-        cancelled = {"now": False}
-
-        def on_trial(p) -> None:
-            try:
-                ctx.progress(min(1.0, p.done / max(1, p.done + p.running + p.waiting)), f"{p.done} trials done")
-            except JobCancelled:
-                cancelled["now"] = True
-
-        run = run_trials(spec["storage"], spec["study"], worker=f"job-{ctx.job_id}-{ctx.attempt}",
-                         on_trial=on_trial, stop=lambda: cancelled["now"], wait_for_others=False)
-        if cancelled["now"]:
-            raise JobCancelled(ctx.job_id)
-        return JobOutput({"ran": run.ran, "completed": run.completed, "failed": run.failed,
-                          "study_done": run.progress.done})
+    run = run_trials(spec["storage"], spec["study"], worker=f"job-{ctx.job_id}-{ctx.attempt}",
+                     on_trial=on_trial, stop=lambda: cancelled["now"], wait_for_others=False)
+    if cancelled["now"]:
+        raise JobCancelled(ctx.job_id)
+    return JobOutput({"ran": run.ran, "completed": run.completed, "failed": run.failed,
+                      "study_done": run.progress.done})
 
 
 def has_train_data(spec: Any) -> bool:
@@ -92,10 +87,10 @@ def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
 
     settings = get_settings()
 
-    def submit_helpers(url: str, study: str, n: int) -> list[str]:
-        key = f"study-helpers-{study}"
+    def submit_trial_jobs(url: str, study: str, n: int) -> list[str]:
+        key = f"study-trial-jobs-{study}"
         marker = Path(ctx.workdir) / f"{key}.json"
-        if marker.exists():  # a re-run of this job: its helpers were queued by the first attempt
+        if marker.exists():  # a re-run of this job: its trial jobs were queued by the first attempt
             return json.loads(marker.read_text())
         ids = [submit_job(sf, "study-trials", {"storage": url, "study": study}, settings=settings).id
                for _ in range(n)]
@@ -103,9 +98,16 @@ def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
         return ids
 
     return {"storage": study_url(settings.db_url), "study": f"search-{search_id}", "workdir": ctx.workdir,
-            "submit_helpers": submit_helpers, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
+            "submit_trial_jobs": submit_trial_jobs, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
 
 
-register_trials_kind()  # every process that imports this module (the search job's, the workers) knows the kind
-
-__all__ = ["MEASURED_SOLVERS", "check_servable", "has_train_data", "measured_context", "register_trials_kind", "run_bomp_nas", "run_qbitopt", "study_url"]
+__all__ = [
+    "MEASURED_SOLVERS",
+    "check_servable",
+    "has_train_data",
+    "measured_context",
+    "run_study_trials",
+    "run_bomp_nas",
+    "run_qbitopt",
+    "study_url",
+]

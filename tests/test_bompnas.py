@@ -92,7 +92,8 @@ def test_candidate_trains_and_is_costed_on_its_own_shape():
 
 def test_tiny_study_front_carries_architecture_and_respects_budget(tmp_path):
     url = f"sqlite:///{tmp_path / 'nas.db'}"
-    cfg = BompNasConfig(**TINY, family="zoo:digits-mlp", budgets=["weight_memory=4KB"], weight_bits=[2, 4, 8])
+    cfg = BompNasConfig(**TINY, family="zoo:digits-mlp", budgets=["weight_memory=4KB"], weight_bits=[2, 4, 8],
+                        space={"width": [0.125, 0.25]})  # every shape fits 4 KB: a front is certain to exist
     pts = bompnas_search(cfg, url, "nas", total_trials=5)
     assert pts, "no measured feasible trial in 5"
     costs = [p.metrics["weight_memory"] for p in pts]

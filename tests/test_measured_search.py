@@ -50,7 +50,8 @@ def test_studies_live_beside_the_service_database(tmp_path):
 
 def test_bomp_nas_search_resumes_its_study_and_reports_the_recommended_trial(tmp_path):
     db = f"sqlite:///{tmp_path}/app.db"
-    settings = {"total_trials": 3, "train_steps": 5, "qaft_steps": 5, "batch_size": 32, "workers": 1}
+    settings = {"total_trials": 3, "train_steps": 5, "qaft_steps": 5, "batch_size": 32, "workers": 1,
+                "space": {"width": [0.125, 0.25]}}  # every shape fits 6 KB
     test = load_digits_splits(0).test
     out = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, study_url(db), "search-1",
                        report=test)
@@ -63,6 +64,8 @@ def test_bomp_nas_search_resumes_its_study_and_reports_the_recommended_trial(tmp
     assert out["recommendation"]["report"]["selection_rerun"] == pytest.approx(best.measured["top1"])
     again = run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=6KB"], settings, study_url(db), "search-1")
     assert len(again["trials"]) == 3  # the same study, nothing run twice
+    with pytest.raises(BitsearchError, match="none of the study's 3 trials"):  # no shape fits 10 bytes
+        run_bomp_nas("zoo:digits-mlp", None, None, ["weight_memory=10B"], settings, study_url(db), "search-2")
 
 
 def test_qbitopt_resumes_from_its_checkpoint_and_keeps_the_bits_history(tmp_path):
@@ -104,11 +107,9 @@ def test_study_trials_jobs_run_a_fanout_study_through_the_job_system(tmp_path):
     from db import jobs as repo
     from search.solvers.bompnas import BompNasConfig, create, front
     from service.jobs.runner import execute
-    from service.measured_search import register_trials_kind
     from service.settings import Settings
     from tests.helpers import make_sf
 
-    register_trials_kind()
     sf = make_sf("sqlite", tmp_path)
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'test.db'}")
     url = study_url(settings.db_url)

@@ -91,3 +91,11 @@ def _search(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     from service.api.search_job import search_kind
 
     return search_kind(spec, ctx)
+
+
+@register_kind("study-trials")
+def _study_trials(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
+    # Trials of a fan-out study (a BOMP-NAS search's), run by whichever worker claims the job.
+    from service.measured_search import run_study_trials
+
+    return run_study_trials(spec, ctx)
