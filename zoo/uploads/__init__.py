@@ -15,14 +15,18 @@ array is read) and `describe` (what the service stores about an upload).
 
 from .archive import PT2_MODEL_NAME, load_exported_program
 from .describe import inspect_dataset_upload, inspect_exported_upload, inspect_safetensors_upload
+from .npz import NpzLimits, NpzTooLarge, describe_npz, read_npz_headers
 from .rebuild import UploadedModelSpec, exported_to_module, load_any_model, load_exported_model
 from .sniff import PICKLE_REFUSED, UnsafeUploadError, sha256_file, sniff_model_format
 
 __all__ = [
+    "NpzLimits",
+    "NpzTooLarge",
     "PICKLE_REFUSED",
     "PT2_MODEL_NAME",
     "UnsafeUploadError",
     "UploadedModelSpec",
+    "describe_npz",
     "exported_to_module",
     "inspect_dataset_upload",
     "inspect_exported_upload",
@@ -30,6 +34,7 @@ __all__ = [
     "load_any_model",
     "load_exported_model",
     "load_exported_program",
+    "read_npz_headers",
     "sha256_file",
     "sniff_model_format",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,9 @@ import torch
 
 from quant.errors import BitsearchError
 
-from ..data import Normalisation, load_npz
+from ..data import Normalisation
 from ..models import LoadedModel, get_model_spec, load_state_dict_checked
+from .npz import NpzLimits, describe_npz
 from .rebuild import load_exported_model
 
 # --------------------------------------------------------------------------------------------------------------
@@ -58,16 +58,9 @@ def inspect_safetensors_upload(path: str | Path, architecture: str) -> dict[str,
     return {**_layers_info(loaded), "format": "safetensors", "architecture": spec.ref}
 
 
-def inspect_dataset_upload(path: str | Path, normalisation: Normalisation | None = None) -> dict[str, Any]:
-    """Validate an ``.npz`` (never unpickling) and describe it."""
-    ds = load_npz(path, normalisation)
-    info: dict[str, Any] = {
-        "items": int(len(ds)),
-        "item_shape": list(ds.x.shape[1:]),
-        "labels": ds.y is not None,
-    }
-    if ds.y is not None and len(ds.y):
-        info["classes"] = int(ds.y.max().item()) + 1
-    if not math.isfinite(float(ds.x.abs().max().item())):
-        raise BitsearchError("x holds non-finite values")
-    return info
+def inspect_dataset_upload(path: str | Path, normalisation: Normalisation | None = None,
+                           limits: NpzLimits | None = None) -> dict[str, Any]:
+    """Validate an ``.npz`` (never unpickling) and describe it: sizes checked from the NPY headers against
+    `limits` before any array is read, then the arrays read in bounded chunks (see `zoo.uploads.npz`).
+    `normalisation` does not change the description; it is accepted for the callers that pass it."""
+    return describe_npz(path, limits)

@@ -146,7 +146,7 @@ async def upload_dataset(request: Request, tenant: TenantId, sf: SF, settings: S
                 "arrays with numpy.savez(path, x=..., y=...)",
             )
         with _named_as_sent(received):
-            info = await run_in_threadpool(up.inspect_dataset_upload, received.path)
+            info = await run_in_threadpool(up.inspect_dataset_upload, received.path, None, settings.npz_limits())
         row = _store(sf, settings, received, StoredDataset, tenant, "datasets", "npz", info=info)
     finally:
         received.discard()
@@ -179,7 +179,7 @@ def _named_as_sent(received: storage.Received) -> Iterator[None]:
         message = str(exc)
         for form in {str(received.path), str(received.path.resolve())}:
             message = message.replace(form, repr(received.filename))
-        raise BitsearchError(message) from None
+        raise type(exc)(message) from None  # the same kind of error (its status), the path taken out
 
 
 def _store(sf, settings, received, table, tenant: str, folder: str, ext: str, **fields):
