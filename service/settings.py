@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Supervision of local workers
     db_retry_max: float = Field(30.0, gt=0)  # longest back-off between tries to reach a lost database (s)
     db_wait_at_start: float = Field(120.0, ge=0)  # how long `serve`/a worker waits for the database at start (s)
+    serve_local_workers: int = 0  # set by `serve`: its local workers, which `/readyz` then requires
     scheduler_interval: float = 15.0  # how often the in-process scheduler checks cron schedules
     api_threads: int = Field(8, ge=1, le=256)  # threads that run the API's blocking work (database, files)
     api_torch_threads: int = 1  # torch threads in the API process (upload validation); jobs run in workers

@@ -242,6 +242,7 @@ def submit_finetunes(
     points: list[int] | None,
     recipe: dict[str, Any],
     settings=None,
+    quota: bool = False,
 ) -> list[dict[str, Any]]:
     """Queue one "qat" job per point (default: the recommended ones) of a finished search; returns
     [{"point", "job_id"}]. Raises BitsearchError naming points that do not exist."""
@@ -255,6 +256,10 @@ def submit_finetunes(
         raise BitsearchError(
             f"no point(s) {missing} with an allocation in search {search_id} (it has {len(stored)} points)"
         )
+    if quota:  # a user's request (not a search's own follow-up): bounds and the tenant's quotas first
+        from service.jobs.quotas import check_job_quota
+
+        check_job_quota(sf, tenant_id, "qat", {"recipe": recipe}, settings, jobs=len(dict.fromkeys(chosen)))
     jobs = []
     for i in dict.fromkeys(chosen):
         _, alloc = repo.get_point_allocation(sf, tenant_id, search_id, i)
@@ -265,7 +270,7 @@ def submit_finetunes(
             "allocation": alloc.allocation,
             "recipe": dict(recipe),
         }
-        job = submit_job(sf, "qat", job_spec, settings=settings)
+        job = submit_job(sf, "qat", job_spec, settings=settings, tenant_id=tenant_id)
         repo.link_job(sf, search_id, job.id, tenant_id, "qat", i)
         jobs.append({"point": i, "job_id": job.id})
     return jobs

@@ -14,6 +14,7 @@ from db import repo
 from db.models import JobStatus, new_id
 from quant.errors import BitsearchError
 from service.jobs.dispatch import queue_for, send, submit_job
+from service.jobs.quotas import check_job_quota
 
 from .. import views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
@@ -71,6 +72,7 @@ def create_search(
     search_id = new_id()
     spec = build_spec(req, model, data, search_id=search_id, tenant_id=tenant)
     check_spec(spec)
+    check_job_quota(sf, tenant, "search", spec, settings)
     queue = queue_for("search", settings)
     new_job = repo.NewJob("search", spec, queue, settings.max_attempts)
     try:
@@ -226,6 +228,7 @@ def finetune(
             body.points,
             body.recipe.model_dump(mode="json"),
             settings,
+            quota=True,
         )
     except BitsearchError:
         raise
