@@ -199,16 +199,20 @@ def release(sf: sessionmaker[Session], job_id: str, worker_id: str, message: str
         return res.rowcount == 1
 
 
-def release_workers(sf: sessionmaker[Session], worker_prefix: str) -> list[str]:
+def release_workers(sf: sessionmaker[Session], worker_prefix: str, count_attempt: bool = True) -> list[str]:
     """Jobs still `running` under a worker that is known dead (ids starting with `worker_prefix`): queue them
-    again at once instead of waiting for their heartbeat to go stale (the attempt counts: a job that kills
-    its worker every time must end). Returns the ids queued again."""
+    again at once instead of waiting for their heartbeat to go stale. The attempt counts when the worker
+    died on its own (a job that kills its worker every time must end), not when it was told to stop
+    (`count_attempt=False`). Returns the ids queued again."""
     out: list[str] = []
     with sf.begin() as s:
         rows = list(s.scalars(select(Job).where(
             Job.status == JobStatus.running, Job.worker_id.startswith(worker_prefix, autoescape=True))))
         for job in rows:
-            if job.attempts >= job.max_attempts:
+            if not count_attempt:
+                new = dict(status=JobStatus.queued, worker_id=None, message="worker stopped; queued again",
+                           attempts=max(0, job.attempts - 1))
+            elif job.attempts >= job.max_attempts:
                 new = dict(status=JobStatus.failed, finished_at=utcnow(), message="failed",
                            error=f"worker_lost: worker lost {job.attempts} time(s) (it died); giving up")
             else:

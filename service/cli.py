@@ -397,8 +397,11 @@ def serve(
         if http_workers == 1:
             api = create_app(settings, sf)
             api.state.freeze_gc = True  # see served_app
-            uvicorn.run(api, host=host, port=port, access_log=access_log, log_level="info",
-                        timeout_graceful_shutdown=2)
+            from service.jobs.supervise import run_uvicorn
+
+            config = uvicorn.Config(api, host=host, port=port, access_log=access_log, log_level="info",
+                                    timeout_graceful_shutdown=2)
+            run_uvicorn(config, pool.begin_stop if pool is not None else None)
         else:  # each process builds its own app from the same BITSEARCH_* environment (migrated above)
             uvicorn.run("service.api.app:served_app", factory=True, workers=http_workers, host=host,
                         port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=2)

@@ -160,3 +160,10 @@ def test_openapi_documents_the_error_statuses_with_their_body(api):
         assert status in op["responses"], status
         ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorBody"), (status, ref)
+
+
+def test_a_budget_of_true_is_refused(api):
+    client, h, _ = api
+    r = client.post("/search", json={"model": "zoo:digits-cnn", "data": "zoo:digits",
+                                     "budgets": [{"metric": "avg_weight_bits", "value": True}]}, headers=h)
+    assert r.status_code == 422 and "true/false" in r.text, r.text

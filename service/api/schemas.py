@@ -84,9 +84,11 @@ class BudgetIn(Strict):
         examples=["16KiB", 3.5],
     )
 
-    @field_validator("value")
+    @field_validator("value", mode="before")
     @classmethod
     def _value(cls, v: float | str) -> float | str:
+        if isinstance(v, bool):  # JSON true/false would pass as 1/0
+            raise ValueError("a budget value is a number or a string with a unit, not true/false")
         if isinstance(v, str) and len(v) > 40:
             raise ValueError("budget value too long")
         return v

@@ -130,19 +130,23 @@ def supervised_worker(queues: Iterable[str] | None, db_url: str | None) -> None:
     stop = threading.Event()
     die_with_parent(signal.SIGTERM)
     ParentWatchdog(stop.set).start()
-    _exit_after_grace(stop)
+    _exit_after_grace(stop, db_url)
     work_loop(queues, db_url=db_url, stop=stop)
 
 
-def _exit_after_grace(stop: threading.Event) -> None:
+def _exit_after_grace(stop: threading.Event, db_url: str | None) -> None:
     """Once `stop` is set, give the job `STOP_GRACE` s to reach a progress report (and be released); then
-    leave anyway. A job left `running` by that exit is queued again by the pool (or by any worker once its
-    heartbeat is stale)."""
+    queue this worker's job again itself (its parent may be gone) and leave."""
 
     def watch() -> None:
         stop.wait()
         time.sleep(STOP_GRACE)
-        log.warning("job did not stop within %.0f s; exiting", STOP_GRACE)
+        log.warning("job did not stop within %.0f s; queueing it again and exiting", STOP_GRACE)
+        try:
+            prefix = f"local:{socket.gethostname()}:{os.getpid()}:"
+            repo.release_workers(session_factory(db_url or get_settings().db_url), prefix, count_attempt=False)
+        except Exception:  # the database is down: the stale-heartbeat check queues it later
+            pass
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="stop-grace").start()
@@ -187,12 +191,12 @@ class LocalPool:
         with self._lock:
             return sum(p.is_alive() for p in self.procs)
 
-    def _release_jobs_of(self, pid: int | None) -> None:
+    def _release_jobs_of(self, pid: int | None, count_attempt: bool = True) -> None:
         if pid is None or not self.db_url:
             return
         prefix = f"local:{socket.gethostname()}:{pid}:"
         try:
-            ids = repo.release_workers(session_factory(self.db_url), prefix)
+            ids = repo.release_workers(session_factory(self.db_url), prefix, count_attempt)
             if ids:
                 log.warning("worker %d died; queued its job(s) %s again", pid, ids)
         except Exception as exc:  # the database is down: the stale-heartbeat check will do it later
@@ -218,16 +222,22 @@ class LocalPool:
             if self._stopping.wait(backoff.next() - 1.0):
                 return
 
-    def stop(self, timeout: float = STOP_GRACE + 2.0) -> None:
+    def begin_stop(self) -> None:
+        """Ask every worker to stop now (SIGTERM), without waiting: `serve` calls it on its own SIGTERM, so
+        the workers release their jobs while the API drains its requests."""
         self._stopping.set()
+        with self._lock:
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
+
+    def stop(self, timeout: float = STOP_GRACE + 1.5) -> None:
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join(5)
         with self._lock:
             procs = list(self.procs)
             self.procs.clear()
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
         deadline = time.monotonic() + timeout
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -235,4 +245,4 @@ class LocalPool:
             if p.is_alive():
                 p.kill()
                 p.join(2)
-            self._release_jobs_of(p.pid)
+            self._release_jobs_of(p.pid, count_attempt=False)  # told to stop: not the job's fault

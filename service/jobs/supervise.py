@@ -28,7 +28,7 @@ log = logging.getLogger("bitsearch.worker")
 DB_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
 PR_SET_PDEATHSIG = 1
 #: How long after a stop request a worker may still take before it exits on its own (its job released).
-STOP_GRACE = 6.0
+STOP_GRACE = 5.0
 
 
 def is_db_error(exc: BaseException) -> bool:
@@ -145,3 +145,20 @@ def wait_for_database(connect: Callable[[], object], max_wait: float, ceiling: f
             delay = min(backoff.next(), left)
             log.warning("%s is unavailable (%s); trying again in %.1f s", what, type(exc).__name__, delay)
             time.sleep(delay)
+
+
+def run_uvicorn(config, on_signal: Callable[[], None] | None = None) -> None:
+    """`uvicorn.Server(config).run()`, calling `on_signal` as soon as SIGTERM/SIGINT arrives (uvicorn keeps
+    the signal to itself until its graceful shutdown is over), so workers stop while the API drains."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if on_signal is not None:
+                try:
+                    on_signal()
+                except Exception:
+                    log.exception("stopping the workers failed")
+            super().handle_exit(sig, frame)
+
+    _Server(config).run()
