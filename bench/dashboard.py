@@ -70,10 +70,14 @@ class LiveServer:
         self.thread.join(10)
 
 
-def synthetic_outcome(points: int, layers: int, seed: int = 0) -> dict[str, Any]:
-    """A `run_search`-shaped outcome: a sensitivity table over `layers` convolutions and four bit options,
-    `points` mixed-precision allocations (costed by the real CostModel) and the four uniform baselines."""
+def synthetic_outcome(points: int, layers: int, seed: int = 0):
+    """A `SearchResult` as `run_search` returns it: a sensitivity table over `layers` convolutions and four
+    bit options, `points` mixed-precision allocations (costed by the real CostModel) and the four uniform
+    baselines."""
+    from bitsearch import Recommendation, SearchResult, SearchSpec
     from quant.allocation import Allocation, LayerBits
+    from search import Budget
+    from search.pareto import ParetoFront, ParetoPoint
     from quant.cost import CostModel
     from quant.layers import LayerInfo
     from sensitivity.table import SensitivityTable
@@ -95,34 +99,33 @@ def synthetic_outcome(points: int, layers: int, seed: int = 0) -> dict[str, Any]
     table = SensitivityTable("hessian", infos, options, values)
     cost = CostModel(infos)
 
-    def point(kind: str, choice: list[int], label: str | None) -> dict[str, Any]:
+    def point(kind: str, choice: list[int], label: str | None) -> ParetoPoint:
         alloc = Allocation({l.name: options[c] for l, c in zip(infos, choice)}, model="synthetic")
         predicted = sum(values[i][c] for i, c in enumerate(choice))
         metrics = cost.cost(alloc).metrics()
         top1 = 92.0 - 6.0 * math.log1p(predicted) + rng.uniform(-0.3, 0.3)
-        return {
-            "kind": kind, "label": label, "budget": metrics["avg_weight_bits"] if kind == "mixed" else None,
-            "predicted": predicted, "metrics": {k: v for k, v in metrics.items() if v is not None},
-            "measured": {"n": 1000, "top1": top1, "agreement": top1 + 1.0, "loss": 0.3 + predicted / 100},
-            "within_budgets": True, "optimal": True, "allocation": alloc.to_dict(),
-        }
+        return ParetoPoint(
+            allocation=alloc, predicted=predicted, metrics={k: v for k, v in metrics.items() if v is not None},
+            kind=kind, budget=metrics["avg_weight_bits"] if kind == "mixed" else None, optimal=True, label=label,
+            measured={"n": 1000, "top1": top1, "agreement": top1 + 1.0, "loss": 0.3 + predicted / 100},
+        )
 
     mixed = []
     for k in range(points):  # from all 2-bit to all 8-bit, one more layer raised at each step
         level = 3 * k / max(1, points - 1)
         choice = [min(3, int(level) + (1 if rng.random() < level % 1 else 0)) for _ in infos]
         mixed.append(point("mixed", choice, None))
-    mixed.sort(key=lambda p: p["metrics"]["avg_weight_bits"])
+    mixed.sort(key=lambda p: p.metrics["avg_weight_bits"])
     uniform = [point("uniform", [c] * len(infos), options[c].label()) for c in range(len(options))]
-    best = min((p for p in mixed if p["metrics"]["avg_weight_bits"] <= 4), key=lambda p: p["predicted"],
+    best = min((p for p in mixed if p.metrics["avg_weight_bits"] <= 4), key=lambda p: p.predicted,
                default=mixed[0])
-    front = {"schema": "bitsearch.pareto", "version": 1, "metric": "avg_weight_bits", "solver": "ilp",
-             "table_method": "hessian", "budgets": [], "notes": [], "points": mixed, "uniform": uniform}
-    recs = [{"budget": {"metric": "avg_weight_bits", "limit": 4.0}, "point": dict(best)}]
-    return {"sensitivity": table.to_dict(), "front": front, "recommendations": recs}
+    front = ParetoFront("avg_weight_bits", mixed, uniform, "ilp", "hessian")
+    budget = Budget("avg_weight_bits", 4.0)
+    return SearchResult(SearchSpec(model="zoo:cifar-resnet20", budgets=[{"metric": "avg_weight_bits", "value": 4}]),
+                        "zoo:cifar-resnet20", table, front, [Recommendation(mixed.index(best), [budget], True, best)])
 
 
-def seed_search(sf, tenant_id: str, outcome: dict[str, Any], model: str = "zoo:cifar-resnet20") -> str:
+def seed_search(sf, tenant_id: str, outcome, model: str = "zoo:cifar-resnet20") -> str:
     """A finished search of `tenant_id` holding `outcome`, stored as the service stores a real one."""
     from db import jobs as job_repo
     from db import repo

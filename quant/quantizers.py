@@ -19,18 +19,17 @@ import torch
 from torch import nn
 
 from .errors import BitsearchError
+from .registry import Registry
 
-QUANTIZERS: dict[str, type["Quantizer"]] = {}
+#: Every quantizer by name; a second quantizer under a taken name is refused.
+QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer")
 
 _EPS = 1e-12
 
 
 def register_quantizer(cls: type["Quantizer"]) -> type["Quantizer"]:
     """Class decorator: make a quantizer available by its `name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    QUANTIZERS[cls.name] = cls
-    return cls
+    return QUANTIZERS.register(cls)
 
 
 def make_quantizer(name: str, bits: int, **kwargs) -> "Quantizer":

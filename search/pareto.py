@@ -319,22 +319,6 @@ def _non_dominated(points: list[ParetoPoint], metric: str) -> list[ParetoPoint]:
 # --- measurement --------------------------------------------------------------------------------------------
 
 
-def _as_dataset(data: Any, what: str):
-    from zoo.data import ArrayDataset  # imported here: the search core needs no torch data
-
-    if isinstance(data, ArrayDataset):
-        return data
-    import torch
-
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        return ArrayDataset(data[0], data[1], what)
-    if torch.is_tensor(data):
-        return ArrayDataset(data, None, what)
-    if hasattr(data, "x") and torch.is_tensor(data.x):
-        return ArrayDataset(data.x, getattr(data, "y", None), what)
-    raise BitsearchError(f"{what}: expected an ArrayDataset, an (x, y) pair or an input tensor")
-
-
 def measure_front(
     front: ParetoFront,
     model: Any,
@@ -354,7 +338,9 @@ def measure_front(
     from zoo.evaluate import evaluate
 
     config = quant_config or QuantConfig()
-    data = _as_dataset(eval_data, "eval_data")
+    from zoo.data import as_dataset  # imported here: the search core needs no torch data
+
+    data = as_dataset(eval_data, "eval_data")
     out = copy.deepcopy(front)
     candidates = out.candidates()
     ref = evaluate(model, data)

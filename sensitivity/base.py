@@ -21,20 +21,19 @@ from torch import nn
 from quant.allocation import LayerBits, check_bits
 from quant.apply import QuantConfig
 from quant.errors import BitsearchError
+from quant.registry import Capabilities, Registry
 from quant.layers import LayerInfo, discover_layers
 
 from .table import SensitivityTable
 
-METHODS: dict[str, type["SensitivityMethod"]] = {}
+#: Every sensitivity method by name; a second method under a taken name is refused.
+METHODS: Registry[type["SensitivityMethod"]] = Registry("sensitivity method")
 
 ProgressFn = Callable[[float, str], None]  # (fraction done, message)
 
 
 def register_method(cls: type["SensitivityMethod"]) -> type["SensitivityMethod"]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls)
 
 
 @dataclass
@@ -98,6 +97,12 @@ class SensitivityMethod:
     name: ClassVar[str] = ""
     covers_activations: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False  # False: falls back to the model's own predictions
+    #: What the method needs from a run (checked by `POST /search` before queueing).
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @dataclass
+    class Config:
+        """The method's settings (`SensitivityOptions.params`); a method with settings defines its own."""
 
     def compute(self, ctx: SensitivityContext) -> SensitivityTable:
         raise NotImplementedError
@@ -123,6 +128,7 @@ def compute_sensitivity(
     if method not in METHODS:
         raise BitsearchError(f"unknown sensitivity method {method!r}; known: {sorted(METHODS)}")
     options = options or SensitivityOptions()
+    METHODS.check(method, options.params)  # a misspelled setting is an error, never ignored
     impl = METHODS[method]()
     progress = progress or _no_progress
     torch.manual_seed(options.seed)
@@ -152,14 +158,10 @@ def _resolve_data(model, data, options, example_input, progress):
         x = distill_inputs(model, example_input, options.samples, seed=options.seed, progress=progress)
         return x, None, {"name": "distilled from BatchNorm statistics", "samples": x.shape[0],
                          "data_free": True, "labels": False}
-    if isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-    elif hasattr(data, "x"):
-        x, y, name = data.x, getattr(data, "y", None), getattr(data, "name", None)
-    elif torch.is_tensor(data):
-        x = data
-    else:
-        raise BitsearchError(f"unsupported data for sensitivity: {type(data).__name__}")
+    from zoo.data import as_dataset  # zoo needs only quant.errors: no cycle
+
+    ds = as_dataset(data, "the sensitivity data")
+    x, y, name = ds.x, ds.y, getattr(data, "name", None)
     if not torch.is_tensor(x) or x.shape[0] == 0:
         raise BitsearchError("the sensitivity data are empty")
     if x.shape[0] > options.samples:

@@ -66,6 +66,8 @@ from quant.allocation import LayerBits, is_float_bits
 from quant.apply import DATA_CLIPS, QuantizedLayer, _layer_forward, collect_statistics, wrap_model
 from quant.errors import BitsearchError
 
+from quant.registry import check_choice, check_positive
+
 from .base import SensitivityContext, SensitivityMethod, register_method
 from .table import SensitivityTable
 
@@ -756,6 +758,34 @@ class HessianMethod(SensitivityMethod):
     name = "hessian"
     covers_activations = False
     needs_labels = False
+
+    @dataclass
+    class Config:
+        """Settings; see the module docstring."""
+
+        estimator: str = "auto"
+        check: bool = True
+        check_samples: int = 4
+        check_rtol: float = 1e-3
+        probing: str = "joint"
+        tol: float = 0.05
+        min_probes: int = 8
+        max_probes: int = 200
+        keep_graph: Any = "auto"
+        probe_batch: int = 1
+        gn_max_classes: int = 100
+        gn_columns: int = 16
+
+        def __post_init__(self) -> None:
+            check_choice(self.estimator, _ESTIMATORS, "estimator")
+            check_choice(self.probing, ("joint", "per-layer"), "probing")
+            check_choice(self.keep_graph, ("auto", True, False), "keep_graph")
+            for k in ("check_samples", "min_probes", "max_probes", "probe_batch", "gn_max_classes", "gn_columns"):
+                check_positive(getattr(self, k), k, integer=True)
+            check_positive(self.tol, "tol")
+            check_positive(self.check_rtol, "check_rtol")
+            if self.min_probes > self.max_probes:
+                raise BitsearchError("min_probes must not exceed max_probes")
 
     @staticmethod
     def _gauss_newton_valid(ctx, modules, batches, prm) -> tuple[bool, dict[str, Any]]:

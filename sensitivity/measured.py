@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,8 @@ from torch import nn
 from quant.allocation import LayerBits, is_float_bits
 from quant.apply import DATA_CLIPS, QuantizedLayer, collect_statistics, wrap_model
 from quant.errors import BitsearchError
+
+from quant.registry import check_choice, check_positive
 
 from .base import SensitivityContext, SensitivityMethod, register_method
 from .table import SensitivityTable
@@ -177,6 +180,21 @@ class MeasuredSensitivity(SensitivityMethod):
     name = "measured"
     covers_activations = True
     needs_labels = False
+
+    @dataclass
+    class Config:
+        """metric: "loss" or "kl" (default: loss with labels, else kl); the suffix cache, see the module."""
+
+        metric: str | None = None
+        suffix_cache: bool = True
+        cache_mb: float = DEFAULT_CACHE_MB
+
+        def __post_init__(self) -> None:
+            if self.metric is not None:
+                check_choice(self.metric, ("loss", "kl"), "metric")
+            if not isinstance(self.suffix_cache, bool):
+                raise BitsearchError("suffix_cache must be true or false")
+            check_positive(self.cache_mb, "cache_mb")
 
     def compute(self, ctx: SensitivityContext) -> SensitivityTable:
         t0 = time.perf_counter()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,8 @@ from torch import nn
 from quant.allocation import LayerBits, is_float_bits
 from quant.apply import DATA_CLIPS, collect_statistics, wrap_model
 from quant.errors import BitsearchError
+
+from quant.registry import check_choice, check_positive
 
 from .base import SensitivityContext, SensitivityMethod, register_method
 from .table import SensitivityTable
@@ -172,6 +175,22 @@ class OrthogonalitySensitivity(SensitivityMethod):
     name = "orthogonality"
     covers_activations = False
     needs_labels = False
+
+    @dataclass
+    class Config:
+        """beta, features ("output" | "next_input"), mapping, batch (samples); see the module docstring."""
+
+        beta: float = DEFAULT_BETA
+        features: str = "output"
+        mapping: str = "noise"
+        batch: int | None = None
+
+        def __post_init__(self) -> None:
+            if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
+                raise BitsearchError("beta must be a non-negative number")
+            check_choice(self.features, ("output", "next_input"), "features")
+            check_choice(self.mapping, list(MAPPINGS), "mapping")
+            check_positive(self.batch, "batch", allow_none=True, integer=True)
 
     def compute(self, ctx: SensitivityContext) -> SensitivityTable:
         t0 = time.perf_counter()

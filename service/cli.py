@@ -9,63 +9,15 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from quant.errors import BitsearchError
 
-app = typer.Typer(
-    name="bitsearch",
-    help="Find the best per-layer bit-widths for a neural network under a hardware budget.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-# Rich falls back to 80 columns when output is piped; tables of figures read better wider.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-
-_state: dict[str, Any] = {"debug": False}
-
-
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
-    _state["debug"] = debug
-
-
-@contextmanager
-def status(message: str) -> Iterator[Any]:
-    """A spinner for work that may take more than a second (hidden when output is not a terminal)."""
-    with console.status(message) as s:
-        yield s
-
-
-def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
-    if path is None:
-        return
-    try:
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    except OSError as exc:
-        raise BitsearchError(f"cannot write {path}: {exc.strerror or exc}") from None
-    console.print(f"wrote {path}")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def fmt_num(v: Any, spec: str = ".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
+from .cli_common import _state, app, console, err_console, fmt_bytes, fmt_num, status, write_json  # noqa: F401
 
 @app.command()
 def ptq(
@@ -74,7 +26,10 @@ def ptq(
     data: Optional[str] = typer.Option(None, "--data", help="Evaluation data: zoo:NAME or an .npz file."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data (zoo:NAME or .npz)."),
     calib_size: int = typer.Option(256, "--calib-size", min=1, help="Calibration samples."),
-    bits: list[str] = typer.Option(["8/8", "4/8", "4"], "--bits", help="W/A bits, e.g. 4/8; W alone = weights only. Repeatable."),
+    bits: list[str] = typer.Option([], "--bits", help="W/A bits, e.g. 4/8; W alone = weights only. Repeatable "
+                                   "(default without --allocation: 8/8, 4/8, 4)."),
+    allocation: list[Path] = typer.Option([], "--allocation", help="An allocation JSON (e.g. from `bitsearch search "
+                                          "--allocation`) to evaluate as well. Repeatable."),
     clip: str = typer.Option("auto", "--clip", help="Weight clipping: minmax, percentile, mse, aciq, output_mse, auto."),
     act_clip: str = typer.Option("minmax", "--act-clip", help="Activation clipping: minmax, percentile, mse, aciq."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per layer instead of per channel."),
@@ -83,9 +38,17 @@ def ptq(
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
 ) -> None:
-    """Post-training quantization at uniform bit-widths: accuracy, size and BOPs against FP32."""
-    from quant import QuantConfig
-    from service.pipeline import resolve_inputs, run_ptq, seed_everything, uniform_allocations
+    """Post-training quantization of uniform bit-widths and of any allocation: accuracy, size and BOPs against
+    FP32."""
+    from quant import Allocation, QuantConfig
+    from service.pipeline import (
+        DEFAULT_PTQ_BITS,
+        checked_allocation,
+        resolve_inputs,
+        run_ptq,
+        seed_everything,
+        uniform_allocations,
+    )
 
     seed_everything(seed)
     config = QuantConfig(
@@ -99,7 +62,8 @@ def ptq(
         inputs = resolve_inputs(model, str(weights) if weights else None, data, calib_data, calib_size, limit, seed)
         if inputs.evaluation is None:
             raise BitsearchError(f"{model} has no built-in data set: give --data (an .npz file)")
-        allocations = uniform_allocations(inputs, bits)
+        allocations = uniform_allocations(inputs, bits or DEFAULT_PTQ_BITS) if bits or not allocation else []
+        allocations += [(path.stem, checked_allocation(Allocation.load(path), inputs)) for path in allocation]
         reference, results = run_ptq(inputs, allocations, config, progress=lambda m: s.update(m))
     for note in inputs.notes:
         err_console.print(f"[yellow]note:[/] {note}")
@@ -414,7 +378,7 @@ def serve(
 
 # `bitsearch worker` and Celery workers must know the service's "search" job kind too.
 # The search, sensitivity and finetune commands live in their own module; importing it registers them.
-from service import cli_search as _cli_search  # noqa: E402,F401
+from service import cli_search as _cli_search  # noqa: E402,F401  (registers sensitivity, search, finetune)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,4 +414,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m service.cli`: run the imported module, whose app has every command registered on it
+    from service.cli import run as _run
+
+    _run()

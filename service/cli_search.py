@@ -6,15 +6,17 @@ workers call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
+from bitsearch.spec import SearchSpec, spec_defaults
 from quant.errors import BitsearchError
 
-from .cli import app, console, err_console, fmt_bytes, fmt_num, status, write_json
+from .cli_common import app, console, err_console, fmt_bytes, fmt_num, status, write_json
 
 
 def _bits_list(text: str, what: str) -> list[int]:
@@ -33,6 +35,28 @@ def _bits_list(text: str, what: str) -> list[int]:
     if not out:
         raise BitsearchError(f"{what} is empty")
     return out
+
+
+#: Every default of `bitsearch search` comes from the spec (a test checks the flags against it).
+SPEC = spec_defaults()
+
+
+def _kv(items: list[str], what: str) -> dict[str, Any]:
+    """KEY=VALUE options; a VALUE that parses as JSON is taken as such (numbers, true/false, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BitsearchError(f"{what} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def _bits_csv(values: list[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _table_of_sensitivity(table) -> Table:
@@ -58,11 +82,12 @@ def sensitivity(
     model: str = typer.Option(..., "--model", help="zoo:NAME."),
     weights: Optional[Path] = typer.Option(None, "--weights"),
     data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME, an .npz file, or 'none' for data-free."),
-    method: str = typer.Option("hessian", "--method", help="hessian, fisher, orthogonality, measured."),
-    weight_bits: str = typer.Option("2,3,4,5,6,8", "--weight-bits"),
-    activation_bits: str = typer.Option("32", "--activation-bits", help="e.g. 4,8,32 (32: weights only)."),
-    samples: int = typer.Option(256, "--samples", min=1, help="Data samples the method may use."),
-    seed: int = typer.Option(0, "--seed"),
+    method: str = typer.Option(SPEC["sensitivity.method"], "--method", help="hessian, fisher, orthogonality, measured."),
+    weight_bits: str = typer.Option(_bits_csv(SPEC["options.weight_bits"]), "--weight-bits"),
+    activation_bits: str = typer.Option(_bits_csv(SPEC["options.activation_bits"]), "--activation-bits",
+                                        help="e.g. 4,8,32 (32: weights only)."),
+    samples: int = typer.Option(SPEC["sensitivity.samples"], "--samples", min=1, help="Data samples the method may use."),
+    seed: int = typer.Option(SPEC["seed"], "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table as JSON."),
 ) -> None:
     """Per-layer, per-bit-option sensitivity table."""
@@ -90,76 +115,98 @@ def sensitivity(
     write_json(json_path, table.to_dict())
 
 
+def search_spec_from_flags(
+    model: str, weights: Optional[Path], data: Optional[str], calib_data: Optional[str], budget: list[str],
+    method: str, method_param: list[str], solver: str, solver_param: list[str], pareto: int,
+    metric: Optional[str], weight_bits: str, activation_bits: str, keep_first_last: bool, clip: Optional[str],
+    samples: int, calib_size: int, limit: Optional[int], no_measure: bool, seed: int,
+    selection_data: Optional[str] = None, report_data: Optional[str] = None,
+) -> SearchSpec:
+    roles = {r: {"source": v} for r, v in (("calibration", calib_data), ("selection", selection_data),
+                                           ("report", report_data)) if v is not None}
+    return SearchSpec.parse({
+        "model": model, "weights": str(weights) if weights else None, "data": data, "roles": roles,
+        "budgets": list(budget), "pareto_points": pareto, "pareto_metric": metric,
+        "sensitivity": {"method": method, "settings": _kv(method_param, "--method-param"), "samples": samples},
+        "solver": {"name": solver, "settings": _kv(solver_param, "--solver-param")},
+        "options": {"weight_bits": _bits_list(weight_bits, "--weight-bits"),
+                    "activation_bits": _bits_list(activation_bits, "--activation-bits"),
+                    "keep_first_last": keep_first_last},
+        "quant": {"weight_clip": clip} if clip else {}, "calib_size": calib_size, "eval_limit": limit,
+        "measure": not no_measure, "seed": seed,
+    })
+
+
 @app.command()
 def search(
-    model: str = typer.Option(..., "--model", help="zoo:NAME."),
+    model: str = typer.Option(..., "--model", help="zoo:NAME or an exported .pt2 file."),
     weights: Optional[Path] = typer.Option(None, "--weights"),
-    data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME, an .npz file, or 'none' for data-free."),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data"),
+    data: Optional[str] = typer.Option(SPEC["data"], "--data", help="zoo:NAME, an .npz file, or 'none' for data-free."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration role's data (zoo:NAME, .npz)."),
+    selection_data: Optional[str] = typer.Option(None, "--selection-data", help="Data the recommendation is chosen on."),
+    report_data: Optional[str] = typer.Option(None, "--report-data", help="Held-out data the chosen points are reported on."),
     budget: list[str] = typer.Option([], "--budget", help="metric=value, e.g. avg_wbits=3, bops=1.2e9. Repeatable."),
-    method: str = typer.Option("hessian", "--method", help="Sensitivity method."),
-    solver: str = typer.Option("ilp", "--solver", help="ilp, knapsack, lp, exhaustive."),
-    pareto: int = typer.Option(10, "--pareto", min=1, max=500, help="Points of the Pareto sweep."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Cost axis of the sweep (default: first budget's)."),
-    weight_bits: str = typer.Option("2,3,4,5,6,8", "--weight-bits"),
-    activation_bits: str = typer.Option("32", "--activation-bits"),
-    keep_first_last: bool = typer.Option(False, "--keep-first-last", help="Pin the first and last layer at W8A8."),
-    clip: str = typer.Option("auto", "--clip", help="Weight clipping used to realise every option."),
-    samples: int = typer.Option(256, "--samples", min=1),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on at most this many items."),
-    no_measure: bool = typer.Option(False, "--no-measure", help="Skip measuring the front (predicted only)."),
-    seed: int = typer.Option(0, "--seed"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON."),
+    method: str = typer.Option(SPEC["sensitivity.method"], "--method", help="Sensitivity method."),
+    method_param: list[str] = typer.Option([], "--method-param", help="KEY=VALUE setting of the method. Repeatable."),
+    solver: str = typer.Option(SPEC["solver.name"], "--solver", help="ilp, knapsack, lp, exhaustive."),
+    solver_param: list[str] = typer.Option([], "--solver-param", help="KEY=VALUE setting of the solver. Repeatable."),
+    pareto: int = typer.Option(SPEC["pareto_points"], "--pareto", min=1, help="Points of the Pareto sweep."),
+    metric: Optional[str] = typer.Option(SPEC["pareto_metric"], "--metric", help="Cost axis of the sweep (default: first budget's)."),
+    weight_bits: str = typer.Option(_bits_csv(SPEC["options.weight_bits"]), "--weight-bits"),
+    activation_bits: str = typer.Option(_bits_csv(SPEC["options.activation_bits"]), "--activation-bits"),
+    keep_first_last: bool = typer.Option(SPEC["options.keep_first_last"], "--keep-first-last", help="Pin the first and last layer at W8A8."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Weight clipping used to realise every option (default: QuantConfig's)."),
+    samples: int = typer.Option(SPEC["sensitivity.samples"], "--samples", min=1, help="Data items the sensitivity method may use."),
+    calib_size: int = typer.Option(SPEC["calib_size"], "--calib-size", min=1, help="Calibration items."),
+    limit: Optional[int] = typer.Option(SPEC["eval_limit"], "--limit", min=1, help="Evaluate on at most this many items."),
+    no_measure: bool = typer.Option(not SPEC["measure"], "--no-measure", help="Skip measuring the front (predicted only)."),
+    seed: int = typer.Option(SPEC["seed"], "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the whole result (SearchResult JSON)."),
     allocation_out: Optional[Path] = typer.Option(None, "--allocation", help="Write the recommended allocation."),
 ) -> None:
     """Sensitivity, then the Pareto front of the allocation problem, measured, with recommendations."""
     from search.problem import format_value
-    from service.pipeline import SearchSpec, run_search
+    from service.pipeline import run_search
 
-    spec = SearchSpec.from_dict({
-        "model": model, "weights": str(weights) if weights else None, "data": data, "calib_data": calib_data,
-        "budgets": list(budget), "method": method, "solver": solver, "pareto": pareto, "pareto_metric": metric,
-        "weight_bits": _bits_list(weight_bits, "--weight-bits"),
-        "activation_bits": _bits_list(activation_bits, "--activation-bits"), "keep_first_last": keep_first_last,
-        "quant": {"weight_clip": clip}, "samples": samples, "calib_size": samples, "eval_limit": limit,
-        "measure": not no_measure, "seed": seed,
-    })
+    spec = search_spec_from_flags(model, weights, data, calib_data, budget, method, method_param, solver,
+                                  solver_param, pareto, metric, weight_bits, activation_bits, keep_first_last, clip,
+                                  samples, calib_size, limit, no_measure, seed, selection_data, report_data)
     with status("searching") as s:
-        out = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))
-    for note in out["notes"]:
+        result = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))
+    for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}")
-    front = out["front"]
-    m = front["metric"]
-    ref = front.get("reference") or {}
-    t = Table(title=f"Pareto front of {model}: {method} + {solver}, cost axis {m}"
+    front = result.front
+    m = front.metric
+    ref = front.reference or {}
+    t = Table(title=f"Pareto front of {model}: {spec.sensitivity.method} + {spec.solver.name}, cost axis {m}"
                     + (f" (FP32 top-1 {ref['top1']:.2f} %)" if ref.get("top1") is not None else ""))
-    for col in ("kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", "top-1 %", "KL"):
+    for col in ("#", "kind", "allocation", m, "weights", "GBOPs", "predicted Δloss", "top-1 %", "KL"):
         t.add_column(col, justify="left" if col in ("kind", "allocation") else "right")
-    pts = sorted(front["points"] + front["uniform"], key=lambda p: (p["metrics"][m], p["kind"]))
-    for p in pts:
-        bits = sorted({(b["weight_bits"], b.get("activation_bits", 32)) for b in p["allocation"]["layers"].values()})
-        alloc = p["label"] or "mixed " + "/".join(f"W{w}" for w in sorted({w for w, _ in bits}))
-        t.add_row(p["kind"], alloc, format_value(m, p["metrics"][m]),
-                  fmt_bytes(p["metrics"]["weight_memory"] / 8), f"{p['metrics']['bops'] / 1e9:.3f}",
-                  f"{p['predicted']:.4g}", fmt_num(p["measured"].get("top1")), fmt_num(p["measured"].get("kl"), ".4f"))
+    order = sorted(range(len(result.points)), key=lambda i: (result.points[i].metrics[m], result.points[i].kind))
+    for i in order:
+        p = result.points[i]
+        wbits = sorted({b.weight_bits for b in p.allocation.layers.values()})
+        alloc = p.label or "mixed " + "/".join(f"W{w}" for w in wbits)
+        t.add_row(str(i), p.kind, alloc, format_value(m, p.metrics[m]), fmt_bytes(p.metrics["weight_memory"] / 8),
+                  f"{p.metrics['bops'] / 1e9:.3f}", f"{p.predicted:.4g}", fmt_num(p.measured.get("top1")),
+                  fmt_num(p.measured.get("kl"), ".4f"))
     console.print(t)
-    recs = out["recommendations"]
-    if recs:
-        r = next((r for r in recs if r["budget"] == "requested"), recs[-1])
-        p = r["point"]
+    rec = result.recommendation
+    if rec is not None:
+        p = rec.point
+        report = rec.report or {}
         console.print(
-            f"recommended{' for ' + ', '.join(budget) if r['budget'] == 'requested' else ''}: {p['kind']} "
-            f"{p['label'] or ''} at {format_value(m, p['metrics'][m])}, top-1 {fmt_num(p['measured'].get('top1'))} %"
+            f"recommended{' for ' + ', '.join(budget) if rec.requested else ''}: point {rec.index}, {p.kind} "
+            f"{p.label or ''} at {format_value(m, p.metrics[m])}, top-1 {fmt_num(p.measured.get('top1'))} % "
+            f"(selection data), {fmt_num(report.get('top1'))} % on the held-out report data"
         )
         if allocation_out is not None:
-            from quant import Allocation
-
-            Allocation.from_dict(p["allocation"]).save(allocation_out)
+            rec.allocation.save(allocation_out)
             console.print(f"wrote {allocation_out}")
     elif allocation_out is not None:
         raise BitsearchError("--allocation needs a measured front (drop --no-measure and give data)")
-    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings"].items()))
-    write_json(json_path, out)
+    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    write_json(json_path, result.to_dict())
 
 
 @app.command()
@@ -167,7 +214,7 @@ def finetune(
     model: str = typer.Option(..., "--model", help="zoo:NAME or an exported .pt2 file."),
     allocation: Path = typer.Option(..., "--allocation", help="Allocation JSON (e.g. from bitsearch search)."),
     weights: Optional[Path] = typer.Option(None, "--weights"),
-    data: Optional[str] = typer.Option(None, "--data", help="zoo:NAME with a train split."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data: zoo:NAME (its train split) or an .npz file."),
     steps: int = typer.Option(300, "--steps", min=1),
     lr: float = typer.Option(0.01, "--lr"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),

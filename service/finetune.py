@@ -12,45 +12,42 @@ from db.jobs import ResultRow
 from quant import Allocation
 from quant.errors import BitsearchError
 from quant.qat import QATRecipe, finetune
-from zoo import DataSplits, load_data
 
 from .jobs.kinds import JobCancelled, JobContext, JobInterrupted, JobOutput
 
-SPEC_FIELDS = {"model", "weights", "data", "calib_data", "allocation", "recipe", "eval_limit", "seed", "search_id",
-               "point"}
+SPEC_FIELDS = {"model", "weights", "data", "roles", "calib_data", "allocation", "recipe", "eval_limit", "seed",
+               "search_id", "point"}
 
 
 def load_training_data(spec: dict[str, Any]):
-    """(loaded model, train, calibration, evaluation) for a QAT spec."""
-    from service.pipeline import resolve_inputs
+    """(loaded model, resolved data: train, report, calibration) for a QAT spec. `data` is the training data
+    (a zoo set, an .npz file); `roles` may name other sources for "train", "calibration" or "report"."""
+    from bitsearch.data import resolve_training_data
+    from zoo.uploads import load_any_model
 
     unknown = set(spec) - SPEC_FIELDS
     if unknown:
         raise BitsearchError(f"unknown fine-tuning field(s) {sorted(unknown)}; known: {sorted(SPEC_FIELDS)}")
     if "model" not in spec or "allocation" not in spec:
         raise BitsearchError("a fine-tuning job needs a model and an allocation")
-    inputs = resolve_inputs(spec["model"], spec.get("weights"), spec.get("data"), spec.get("calib_data"),
-                            eval_limit=spec.get("eval_limit"), seed=spec.get("seed", 0))
-    data_ref = spec.get("data") or inputs.loaded.spec.dataset
-    train = None
-    if data_ref is not None:
-        d = load_data(data_ref, inputs.loaded.normalisation, seed=spec.get("seed", 0))
-        train = d.train if isinstance(d, DataSplits) else None
-    if train is None:
-        # An .npz file gives one array set with no train/test roles; fine-tuning needs both.
-        raise BitsearchError("fine-tuning needs a data set with a train split (e.g. zoo:digits); "
-                             "training from an .npz file is not supported yet")
-    return inputs, train
+    loaded = load_any_model(spec["model"], spec.get("weights"))
+    roles = dict(spec.get("roles") or {})
+    if spec.get("calib_data"):
+        roles["calibration"] = spec["calib_data"]
+    data = resolve_training_data(spec.get("data"), roles, normalisation=loaded.normalisation,
+                                 model_dataset=loaded.spec.dataset, eval_limit=spec.get("eval_limit"),
+                                 seed=spec.get("seed", 0), num_classes=loaded.num_classes)
+    return loaded, data
 
 
 def run_finetune(spec: dict[str, Any], ctx: JobContext | None = None,
                  progress: Callable[[float, str], None] | None = None) -> JobOutput:
-    inputs, train = load_training_data(spec)
+    loaded, data = load_training_data(spec)
     allocation = Allocation.from_dict(spec["allocation"])
     recipe = QATRecipe.from_dict(spec.get("recipe") or {})
     from .jobs.quotas import check_qat_total
 
-    check_qat_total(recipe.total_steps(len(train)))
+    check_qat_total(recipe.total_steps(len(data.train)))
     workdir = ctx.workdir if ctx is not None else None
     checkpoint = workdir / "qat-checkpoint.pt" if workdir is not None else None
     resume = checkpoint if checkpoint is not None and checkpoint.exists() else None
@@ -73,15 +70,17 @@ def run_finetune(spec: dict[str, Any], ctx: JobContext | None = None,
         if progress is not None:
             progress(state.progress, msg)
 
-    result = finetune(inputs.loaded.model, allocation, train, recipe, callbacks=on_step,
-                      calibration=inputs.calibration, eval_data=inputs.evaluation, checkpoint_dir=workdir,
+    result = finetune(loaded.model, allocation, data.train, recipe, callbacks=on_step,
+                      calibration=data.calibration, eval_data=data.report, checkpoint_dir=workdir,
                       resume_from=resume)
     if interrupted:
         raise JobInterrupted(ctx.job_id if ctx is not None else "")
     out = result.to_dict()
     out["resumed"] = resume is not None
+    out["data"] = data.record
     from quant.cost import CostModel
+    from quant.layers import discover_layers
 
-    cost = CostModel(inputs.layers).cost(result.allocation).to_dict()
+    cost = CostModel(discover_layers(loaded.model, loaded.example_input)).cost(result.allocation).to_dict()
     return JobOutput(out, ResultRow("qat", result.metrics, result.allocation.to_dict(), result.recipe.to_dict(),
                                     cost, str(result.checkpoint) if result.checkpoint else None))

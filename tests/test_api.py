@@ -73,9 +73,11 @@ def db_url(sf) -> str:
     return sf.kw["bind"].url.render_as_string(hide_password=False)
 
 
-def fake_outcome() -> dict:
-    """A search outcome as `run_search` returns it: a sensitivity table, a front, recommendations."""
+def fake_outcome():
+    """A typed search result as `run_search` returns it: a sensitivity table, a front, recommendations."""
+    from bitsearch import Recommendation, SearchResult, SearchSpec
     from quant.layers import discover_layers
+    from search.pareto import ParetoFront, ParetoPoint
     from sensitivity.table import SensitivityTable
     from zoo.models import DigitsMLP
 
@@ -88,17 +90,16 @@ def fake_outcome() -> dict:
         alloc = {n: bits[i % len(bits)] for i, n in enumerate(names)}
         a = Allocation({n: LayerBits(b, 32) for n, b in alloc.items()}, model="zoo:digits-mlp")
         avg = float(np.mean(list(alloc.values())))
-        return {
-            "kind": kind,
-            "label": label,
-            "budget": avg if kind == "mixed" else None,
-            "predicted": np.float64(predicted),
-            "metrics": {"avg_weight_bits": avg, "weight_memory": avg * 1e4},
-            "measured": {"top1": top1, "kl": float("nan")},
-            "within_budgets": True,
-            "optimal": True,
-            "allocation": a.to_dict(),
-        }
+        return ParetoPoint(
+            allocation=a,
+            predicted=float(np.float64(predicted)),
+            metrics={"avg_weight_bits": avg, "weight_memory": avg * 1e4},
+            kind=kind,
+            budget=avg if kind == "mixed" else None,
+            optimal=True,
+            label=label,
+            measured={"top1": top1, "kl": float("nan")},
+        )
 
     mixed = [
         point("mixed", [2, 4], 1.2, 90.0),
@@ -106,18 +107,9 @@ def fake_outcome() -> dict:
         point("mixed", [8], 0.03, 98.5),
     ]
     uniform = [point("uniform", [4], 0.5, 96.0, "W4A32"), point("uniform", [8], 0.03, 98.5, "W8A32")]
-    front = {
-        "schema": "bitsearch.pareto",
-        "version": 1,
-        "metric": "avg_weight_bits",
-        "solver": "ilp",
-        "table_method": "fisher",
-        "budgets": [],
-        "notes": [],
-        "points": mixed,
-        "uniform": uniform,
-    }
-    return {"sensitivity": table.to_dict(), "front": front, "recommendations": [dict(mixed[1])]}
+    front = ParetoFront("avg_weight_bits", mixed, uniform, "ilp", "fisher")
+    return SearchResult(SearchSpec(model="zoo:digits-mlp"), "zoo:digits-mlp", table, front,
+                        [Recommendation(1, [], True, mixed[1])], timings={"load": 0.1})
 
 
 def finish_job(sf, job_id: str, result: dict | None = None) -> None:
@@ -185,8 +177,14 @@ def test_search_is_accepted_and_runs_as_a_search_job(api, sf):
     job = job_repo.get(sf, acc["job_id"])
     assert job.kind == "search" and job.tenant_id is not None
     assert job.spec["model"] == "zoo:digits-mlp" and job.spec["data"] == "zoo:digits"
-    assert job.spec["budgets"] == [{"metric": "avg_weight_bits", "limit": 4.0}]
+    assert job.spec["budgets"] == [{"metric": "avg_weight_bits", "value": "4bits"}]
     assert job.spec["_search_id"] == acc["id"]
+    from bitsearch import SearchSpec
+    from service.api.search_job import pipeline_spec
+
+    # what the worker runs is the typed spec, with the spec's own defaults for what the request left out
+    spec = SearchSpec.parse(pipeline_spec(job.spec))
+    assert spec.budgets[0].limit() == 4.0 and spec.sensitivity.method == SearchSpec().sensitivity.method
     got = client.get(acc["url"], headers=a).json()
     assert got["status"] == "queued" and got["job_id"] == acc["job_id"] and got["timings"]["created_at"]
     assert client.get(f"/searches/{acc['id']}/pareto", headers=a).status_code == 404  # no results yet
@@ -263,15 +261,18 @@ def test_results_are_stored_and_served(api, sf):
     assert len(client.get(f"/searches/{acc['id']}/pareto", headers=a).json()["points"]) == 3
 
 
-def test_outcome_shapes_are_tolerated():
-    out = fake_outcome()
-    out["recommendations"] = [1, {"index": 3}, {"point": 0}, "junk", 99]
-    _, rows, summary = outcome_rows(out)
-    assert [r.recommended for r in rows] == [True, True, False, True, False]
-    with pytest.raises(Exception, match="not a dict"):
-        outcome_rows([1, 2])
-    _, rows, _ = outcome_rows({"front": [{"predicted": 1.0, "allocation": None}]})
-    assert rows[0].kind == "mixed" and rows[0].allocation is None
+def test_the_stored_outcome_is_the_typed_result():
+    from bitsearch import SearchResult
+
+    result = fake_outcome()
+    assert SearchResult.from_json(result.to_json()).to_json() == result.to_json()
+    table, rows, summary = outcome_rows(result)
+    assert [r.recommended for r in rows] == [False, True, False, False, False]
+    assert [r.kind for r in rows] == ["mixed"] * 3 + ["uniform"] * 2 and table["schema"] == "bitsearch.sensitivity"
+    (rec,) = summary["recommendations"]
+    assert rec["index"] == 1 and rec["requested"] and rec["point"]["measured"] == {"top1": 97.0, "kl": None}
+    with pytest.raises(Exception, match="SearchResult"):
+        outcome_rows({"front": []})  # a plain dict is no longer guessed at
 
 
 def test_finetune_and_delete(api, sf):
@@ -559,7 +560,7 @@ def test_readyz_reports_an_unreachable_database(settings):
 
 def _fake_run_search(delay: float = 0.0):
     def run_search(spec, progress):
-        assert "_search_id" not in spec and spec["model"].startswith("zoo:")
+        assert spec.model.startswith("zoo:")
         for i in range(3):
             progress(i / 3, f"step {i}")
             time.sleep(delay)

@@ -23,6 +23,23 @@ def test_ptq_on_digits_writes_json(tmp_path, capsys):
     assert w8["allocation"]["schema"] == "bitsearch.allocation"
 
 
+def test_ptq_evaluates_any_allocation_file(tmp_path, capsys):
+    from quant import Allocation, LayerBits
+
+    mixed = tmp_path / "mixed.json"
+    Allocation({"fc1": LayerBits(2, 32), "fc2": LayerBits(8, 32), "fc3": LayerBits(8, 32)},
+               model="zoo:digits-mlp").save(mixed)
+    out = tmp_path / "ptq.json"
+    assert main(["ptq", "--model", "zoo:digits-mlp", "--allocation", str(mixed), "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]  # only the file: no default uniform bits beside it
+    assert r["label"] == "mixed" and r["cost"]["avg_weight_bits"] < 8
+    assert {n: b["weight_bits"] for n, b in r["allocation"]["layers"].items()} == {"fc1": 2, "fc2": 8, "fc3": 8}
+    wrong = tmp_path / "wrong.json"
+    Allocation({"conv1": LayerBits(4, 32)}, model="zoo:digits-mlp").save(wrong)
+    assert main(["ptq", "--model", "zoo:digits-mlp", "--allocation", str(wrong)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

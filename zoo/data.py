@@ -88,6 +88,59 @@ class ArrayDataset:
         return self.subset(torch.sort(order).values)
 
 
+def as_dataset(
+    data: object, what: str = "data", normalisation: "Normalisation | None" = None, need_labels: bool = False
+) -> ArrayDataset:
+    """The one coercion of "data-like" inputs into an `ArrayDataset`.
+
+    Accepts an `ArrayDataset`, anything with tensor `.x` (and optional `.y`), an `(x, y)` pair or a lone `x`
+    (torch tensors or numpy arrays: uint8 images N×H×W×C are scaled and normalised as in `load_npz`, floats
+    are taken as preprocessed), or a path to an `.npz` file. Labels must be non-negative class indices.
+    """
+    if isinstance(data, ArrayDataset):
+        ds = data
+    elif isinstance(data, (str, Path)):
+        ds = load_npz(data, normalisation)
+    elif hasattr(data, "x") and torch.is_tensor(getattr(data, "x")):
+        ds = ArrayDataset(data.x, _labels(getattr(data, "y", None), len(data.x), what), getattr(data, "name", what))
+    else:
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y = data
+        elif torch.is_tensor(data) or isinstance(data, np.ndarray):
+            x, y = data, None
+        else:
+            raise BitsearchError(
+                f"{what}: expected an ArrayDataset, an (x, y) pair, an input tensor or array, or an .npz path; "
+                f"got {type(data).__name__}"
+            )
+        if isinstance(x, np.ndarray):
+            x = _images_to_tensor(x, normalisation) if x.dtype == np.uint8 else torch.from_numpy(
+                np.ascontiguousarray(x, dtype=np.float32))
+        if not torch.is_tensor(x) or x.dim() < 2 or x.shape[0] == 0:
+            raise BitsearchError(f"{what}: the inputs must be a non-empty array with a leading batch dimension")
+        ds = ArrayDataset(x.float() if not x.is_floating_point() else x, _labels(y, len(x), what), what)
+    if need_labels and ds.y is None:
+        raise BitsearchError(f"{what} has no labels; they are needed here")
+    return ds
+
+
+def _labels(y: object, n: int, what: str) -> torch.Tensor | None:
+    if y is None:
+        return None
+    t = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
+    if t.dim() != 1 or len(t) != n:
+        raise BitsearchError(f"{what}: {n} inputs need one label each (a 1-D array of {n})")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise BitsearchError(f"{what}: labels must be integer class indices")
+    if len(t) and (int(t.min()) < 0 or int(t.max()) >= MAX_CLASSES):
+        raise BitsearchError(f"{what}: labels must be class indices in 0..{MAX_CLASSES - 1}")
+    return t.long()
+
+
+#: Labels above this are not class indices (a label of 2**40 would size a 2**40-wide one-hot).
+MAX_CLASSES = 100_000
+
+
 @dataclass
 class DataSplits:
     """Disjoint parts of one data set; a part is None when it is empty or unavailable."""
@@ -213,8 +266,10 @@ def _validate_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
     check_y_layout(y.shape, y.dtype, n, path)
     if y.dtype.kind == "i" and len(y) and int(y.min()) < 0:
         raise BitsearchError(f"y in {path} contains negative labels (min {int(y.min())}); classes start at 0")
-    if y.dtype == np.uint64 and len(y) and int(y.max()) > np.iinfo(np.int64).max:
-        raise BitsearchError(f"y in {path} has labels too large for int64")
+    if len(y) and int(y.max()) >= MAX_CLASSES:
+        raise BitsearchError(
+            f"y in {path} has a label of {int(y.max())}; labels are class indices below {MAX_CLASSES}"
+        )
     return torch.from_numpy(y.astype(np.int64, copy=False)).clone()
 
 

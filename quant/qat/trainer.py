@@ -215,12 +215,10 @@ def finetune(
 
 
 def _as_xy(data: Any, what: str, need_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        x, y = data
-    elif hasattr(data, "x") and torch.is_tensor(getattr(data, "x")):
-        x, y = data.x, getattr(data, "y", None)
-    else:
-        raise BitsearchError(f"{what} must be an ArrayDataset (or an (x, y) pair of tensors), got {type(data).__name__}")
+    from zoo.data import as_dataset  # zoo needs only quant.errors: no cycle
+
+    ds = as_dataset(data, what)
+    x, y = ds.x, ds.y
     if need_labels and y is None:
         raise BitsearchError(f"{what} has no labels; QAT needs labelled data")
     if y is not None and len(y) != len(x):

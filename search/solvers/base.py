@@ -23,17 +23,16 @@ import numpy as np
 
 from quant.allocation import Allocation
 from quant.errors import BitsearchError
+from quant.registry import Capabilities, Registry
 
 from ..problem import FEAS_RTOL, AllocationProblem, InfeasibleBudget, canonical_metric
 
-SOLVERS: dict[str, type["Solver"]] = {}
+#: Every solver by name; a second solver under a taken name is refused.
+SOLVERS: Registry[type["Solver"]] = Registry("solver")
 
 
 def register_solver(cls: type["Solver"]) -> type["Solver"]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    SOLVERS[cls.name] = cls
-    return cls
+    return SOLVERS.register(cls)
 
 
 @dataclass
@@ -85,6 +84,8 @@ class Solver:
     supports_objective: ClassVar[bool] = True
     #: Most additive budgets the solver handles at once (None: any number).
     max_sum_budgets: ClassVar[int | None] = None
+    #: What the solver needs from a run (checked by `POST /search` before queueing).
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def _solve(self, problem: AllocationProblem) -> RawResult:
         raise NotImplementedError

@@ -68,7 +68,7 @@ from quant.allocation import Allocation
 from quant.errors import BitsearchError
 
 from ..problem import FEAS_RTOL, AllocationProblem, Budget, canonical_metric
-from .base import RawResult, Solution, Solver, register_solver
+from .base import Capabilities, RawResult, Solution, Solver, register_solver
 
 Scorer = Callable[[Allocation], float]
 
@@ -93,16 +93,15 @@ class PTQScorer:
 
     def __init__(self, model: Any, calibration: Any, eval_data: Any, quant_config: Any = None, metric: str = "top1"):
         from quant.apply import QuantConfig, collect_statistics, wrap_model
+        from zoo.data import as_dataset
         from zoo.evaluate import evaluate
-
-        from ..pareto import _as_dataset
 
         if metric not in SCORE_DIRECTIONS:
             raise BitsearchError(f"unknown score {metric!r}; known: {sorted(SCORE_DIRECTIONS)}")
         self.metric = metric
         self.direction = SCORE_DIRECTIONS[metric]
         self.config = quant_config or QuantConfig()
-        self.data = _as_dataset(eval_data, "eval_data")
+        self.data = as_dataset(eval_data, "eval_data")
         if metric in ("top1", "loss") and self.data.y is None:
             raise BitsearchError(f"the {metric} score needs labelled eval data; use metric='kl' without labels")
         self._evaluate = evaluate
@@ -324,6 +323,8 @@ class BayesSolver(Solver):
 
     name = "bayes"
     exact = False
+    # It scores allocations by measuring them: the search pipeline does not hand it a scorer.
+    capabilities = Capabilities(needs_scorer=True)
     supports_objective = False  # it optimises a measured score, not the table's objective
 
     def __init__(

@@ -159,6 +159,10 @@ class IlpSolver(Solver):
     ):
         if not 0.0 <= float(gap_rel) < 1.0:
             raise BitsearchError(f"gap_rel must be in [0, 1), got {gap_rel!r}")
+        if time_limit is not None and (
+            isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0
+        ):
+            raise BitsearchError(f"time_limit must be a positive number of seconds (or None), got {time_limit!r}")
         self.gap_rel = float(gap_rel)
         self.backend = _resolve_backend(backend)
         self.time_limit = time_limit

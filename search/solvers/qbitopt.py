@@ -51,7 +51,7 @@ from quant.allocation import Allocation, LayerBits, is_float_bits
 from quant.errors import BitsearchError
 
 from ..problem import AllocationProblem, Constraints, parse_budgets
-from .base import RawResult, Solver, register_solver
+from .base import Capabilities, RawResult, Solver, register_solver
 
 ProblemFactory = Callable[[Any], AllocationProblem]
 
@@ -288,13 +288,10 @@ class QBitOptCallback:
 
 
 def _train_xy(train_data: Any) -> tuple[Any, Any]:
-    import torch
+    from zoo.data import as_dataset
 
-    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and torch.is_tensor(train_data[0]):
-        return train_data[0], train_data[1]
-    if hasattr(train_data, "x") and torch.is_tensor(train_data.x):
-        return train_data.x, getattr(train_data, "y", None)
-    raise BitsearchError("train_data must be an ArrayDataset or an (x, y) pair of tensors")
+    ds = as_dataset(train_data, "train_data")
+    return ds.x, ds.y
 
 
 def qbitopt_finetune(
@@ -399,6 +396,8 @@ class QBitOptSolver(Solver):
 
     name = "qbitopt"
     exact = False
+    # It re-allocates during QAT: it needs the model and a training set, which a search spec cannot pass.
+    capabilities = Capabilities(needs_train=True, needs_scorer=True)
     supports_objective = False
 
     def __init__(

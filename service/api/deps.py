@@ -80,8 +80,8 @@ def resolve_data(
     sf: sessionmaker[Session], settings: Settings, tenant_id: str, ref: str | None
 ) -> dict[str, Any]:
     """`{"data"}` for a job: 'zoo:NAME', the path of one of the tenant's uploaded datasets, or None."""
-    if ref is None:
-        return {"data": None}
+    if ref is None or ref == "none":  # the model's own zoo data set / data-free
+        return {"data": ref}
     if ref.startswith("zoo:"):
         from zoo.data import DATASETS
 
@@ -94,6 +94,6 @@ def resolve_data(
     if row is None:
         raise BitsearchError(
             f"unknown data set {ref!r}: give zoo:NAME, the id of one of your uploaded data "
-            "sets, or null (data-free)"
+            "sets, 'none' (data-free) or null (the model's own zoo data set)"
         )
     return {"data": str(abs_path(settings, row.path))}

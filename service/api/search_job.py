@@ -2,166 +2,77 @@
 
 Kept free of FastAPI imports: workers import this module (through `service.cli`) only to register the kind.
 
-The job spec is a `service.pipeline.SearchSpec` (what `run_search(spec, progress)` receives) plus private keys
+The job spec is a `bitsearch.SearchSpec` as JSON (what `run_search(spec, progress)` receives) plus private keys
 starting with "_" that only this module reads (`_search_id`, `_tenant_id`, `_request`, `_model_ref`,
 `_data_ref`, `_qat`). For uploads, `model` is the absolute path of the stored .pt2
 (`zoo.uploads.load_any_model` loads it) or, for safetensors, the zoo architecture with `weights` the stored
-file; `data` is "zoo:NAME", the stored .npz's path, or "none" (data-free). With `_qat` (a recipe), the
+file; `data` (and each data role's source) is "zoo:NAME", a stored .npz's path, "none" (data-free) or null
+(the model's own zoo data set). The outcome is a typed `bitsearch.SearchResult`. With `_qat` (a recipe), the
 recommended points are queued for fine-tuning ("qat" jobs) once the search is stored.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
+from bitsearch.result import SearchResult
+from bitsearch.spec import SearchSpec
 from db import repo
 from db.models import new_id
 from quant.errors import BitsearchError
-from service.jobs.kinds import JobCancelled, JobContext, JobOutput, register_kind
+from service.jobs.kinds import JobCancelled, JobContext, JobOutput
+
+from .schemas import SearchRequest
 
 ProgressFn = Callable[[float, str], None]
 
 
-def jsonable(obj: Any, depth: int = 0) -> Any:
-    """Plain JSON: numpy scalars and arrays become numbers and lists, non-finite floats None, objects with
-    `to_dict` their dict (PostgreSQL's JSON refuses NaN, so none may reach the database)."""
-    if depth > 100:
-        raise BitsearchError("the search outcome is nested too deeply to store")
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [jsonable(v, depth + 1) for v in obj]
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return jsonable(obj.to_dict(), depth + 1)
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return jsonable(obj.tolist(), depth + 1)
-    if hasattr(obj, "item"):
-        return jsonable(obj.item(), depth + 1)
-    return str(obj)
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
-    return None
-
-
-def _predicted(point: Mapping[str, Any]) -> float | None:
-    p = point.get("predicted")
-    if _number(p) is not None:
-        return _number(p)
-    if isinstance(p, Mapping):
-        for key in ("loss_increase", "objective", "value", "sensitivity", "delta_loss"):
-            if _number(p.get(key)) is not None:
-                return _number(p.get(key))
-    return _number(point.get("objective"))
-
-
-def _rec_indices(recs: list[Any], points: list[dict[str, Any]]) -> set[int]:
-    """Which stored points the recommendations name: by index, by a dict's index/point, or by allocation."""
-    out: set[int] = set()
-    for r in recs:
-        if isinstance(r, int) and not isinstance(r, bool):
-            if 0 <= r < len(points):
-                out.add(r)
-            continue
-        if not isinstance(r, Mapping):
-            continue
-        for key in ("index", "point", "point_index"):
-            v = r.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(points):
-                out.add(v)
-                break
-        else:
-            alloc = r.get("allocation")
-            if isinstance(r.get("point"), Mapping):
-                alloc = r["point"].get("allocation", alloc)
-            if alloc is not None:
-                for i, p in enumerate(points):
-                    if p.get("allocation") == alloc:
-                        out.add(i)
-    return out
-
-
-def outcome_rows(
-    outcome: Mapping[str, Any],
-) -> tuple[dict[str, Any] | None, list[repo.PointRow], dict[str, Any]]:
-    """Split a `run_search` outcome into the sensitivity table, the points to store and the search summary.
-
-    Points come from `front["points"]` (each with a `kind`, "mixed" or "uniform") and, when the front keeps
-    the uniform baselines apart, from `front["uniform"]` / `front["baselines"]`. Mixed points come first;
-    a point's index is its position in that order and names it in the URLs.
-    """
-    if not isinstance(outcome, Mapping):
-        raise BitsearchError(f"run_search returned {type(outcome).__name__}, not a dict")
-    outcome = jsonable(outcome)
-    sensitivity = outcome.get("sensitivity")
-    if sensitivity is not None and not isinstance(sensitivity, dict):
-        raise BitsearchError("the outcome's 'sensitivity' must be a SensitivityTable JSON object")
-    front = outcome.get("front") or {}
-    if isinstance(front, list):
-        front = {"points": front}
-    if not isinstance(front, dict):
-        raise BitsearchError("the outcome's 'front' must be a ParetoFront JSON object")
-    raw: list[tuple[str, dict[str, Any]]] = []
-    for p in front.get("points") or []:
-        if isinstance(p, dict):
-            raw.append((str(p.get("kind") or "mixed"), p))
-    for key in ("uniform", "baselines"):
-        for p in front.get(key) or []:
-            if isinstance(p, dict):
-                raw.append((str(p.get("kind") or "uniform"), p))
-    raw.sort(key=lambda kp: kp[0] != "mixed")  # stable: mixed first, each group in its given order
-    plain = [p for _, p in raw]
-    recs = outcome.get("recommendations") or []
-    if not isinstance(recs, list):
-        recs = [recs]
-    recommended = _rec_indices(recs, plain)
+def outcome_rows(result: SearchResult) -> tuple[dict[str, Any], list[repo.PointRow], dict[str, Any]]:
+    """A `SearchResult` as the rows the service stores: the sensitivity table, one row per point (index =
+    position in `result.points`: mixed first, then uniform) and the search's summary."""
+    if not isinstance(result, SearchResult):
+        raise BitsearchError(f"a search must return a SearchResult, not {type(result).__name__}")
+    d = result.to_dict()  # JSON-safe (no NaN): PostgreSQL's JSON refuses it
+    recommended = result.recommended_indices()
+    points = d["front"]["points"] + d["front"]["uniform"]
     rows = []
-    for i, (kind, p) in enumerate(raw):
-        alloc = p.get("allocation")
-        alloc = alloc if isinstance(alloc, dict) else None
-        meta = (alloc or {}).get("metadata") or {}
-        label = p.get("label") or (meta.get("uniform") if isinstance(meta, dict) else None) or f"{kind} {i}"
-        data = {k: v for k, v in p.items() if k != "allocation"}
+    for i, (p, pd) in enumerate(zip(result.points, points)):
         rows.append(
             repo.PointRow(
-                kind=kind,
-                label=str(label),
-                predicted=_predicted(p),
-                recommended=i in recommended or bool(p.get("recommended")),
-                data=data,
-                allocation=alloc,
+                kind=p.kind,
+                label=p.label or f"{p.kind} {i}",
+                predicted=pd["predicted"],
+                recommended=i in recommended,
+                data={k: v for k, v in pd.items() if k != "allocation"},
+                allocation=pd["allocation"],
             )
         )
+    recs = []
+    for r, rd in zip(result.recommendations, d["recommendations"]):
+        pd = points[r.index]
+        recs.append({**rd, "point": {k: pd[k] for k in ("kind", "label", "metrics", "measured")}})
     summary = {
+        "schema": d["schema"],
+        "version": d["version"],
         "recommendations": recs,
-        "front": {k: v for k, v in front.items() if k not in ("points", "uniform", "baselines")},
+        "front": {k: v for k, v in d["front"].items() if k not in ("points", "uniform")},
         "counts": {
-            "mixed": sum(1 for r in rows if r.kind == "mixed"),
-            "uniform": sum(1 for r in rows if r.kind != "mixed"),
+            "mixed": len(result.front.points),
+            "uniform": len(result.front.uniform),
             "recommended": len(recommended),
         },
+        "timings": d["timings"],
+        "notes": d["notes"],
+        "data": d["data"],
+        "reference_report": d["reference_report"],
     }
-    for key, value in outcome.items():  # timings, notes...; not the spec (server paths) nor the layers
-        if key not in ("sensitivity", "front", "recommendations", "spec", "layers"):
-            summary.setdefault(key, value)
-    return sensitivity, rows, summary
+    return d["table"], rows, summary
 
 
-def persist_outcome(sf, search_id: str, outcome: Mapping[str, Any]) -> dict[str, int] | None:
-    """Store a search's outcome (replacing an earlier attempt's); returns counts, or None when the search
+def persist_outcome(sf, search_id: str, result: SearchResult) -> dict[str, int] | None:
+    """Store a search's result (replacing an earlier attempt's); returns counts, or None when the search
     is gone."""
-    sensitivity, rows, summary = outcome_rows(outcome)
+    sensitivity, rows, summary = outcome_rows(result)
     if not repo.save_search_outcome(sf, search_id, sensitivity, rows, summary):
         return None
     return dict(summary["counts"])
@@ -199,7 +110,6 @@ def _search_for(sf, spec: Mapping[str, Any], job_id: str) -> str | None:
     return search.id
 
 
-@register_kind("search")
 def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     from db.session import session_factory
     from service.settings import get_settings
@@ -208,23 +118,18 @@ def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     search_id = _search_for(sf, spec, ctx.job_id)
     if search_id is not None and not repo.search_exists(sf, search_id):
         raise JobCancelled(ctx.job_id)  # deleted before it ran
-    try:
-        from service import pipeline
-    except ImportError as exc:
-        raise BitsearchError(f"the search pipeline cannot be imported: {exc}") from exc
-    run_search = getattr(pipeline, "run_search", None)
-    if run_search is None:
-        raise BitsearchError("this bitsearch has no search pipeline yet (service.pipeline.run_search)")
+    from service import pipeline
+
     ctx.progress(0.0, "starting")
 
     def progress(fraction: float, message: str = "") -> None:
-        f = _number(fraction)
-        ctx.progress(0.95 * min(1.0, max(0.0, f if f is not None else 0.0)), str(message)[:500])
+        f = float(fraction) if isinstance(fraction, (int, float)) and fraction == fraction else 0.0
+        ctx.progress(0.95 * min(1.0, max(0.0, f)), str(message)[:500])
 
-    outcome = run_search(pipeline_spec(spec), progress)
+    outcome = pipeline.run_search(SearchSpec.parse(pipeline_spec(spec)), progress)
     ctx.progress(0.96, "storing results")
     if search_id is None:
-        return JobOutput(jsonable(outcome))
+        return JobOutput(outcome.to_dict())
     counts = persist_outcome(sf, search_id, outcome)
     if counts is None:
         raise JobCancelled(ctx.job_id)  # the search was deleted while it ran
@@ -270,6 +175,10 @@ def submit_finetunes(
             "allocation": alloc.allocation,
             "recipe": dict(recipe),
         }
+        roles = {r: (spec.get("roles") or {}).get(r) or {} for r in ("train", "calibration", "report")}
+        sources = {r: v["source"] for r, v in roles.items() if v.get("source")}
+        if sources:  # the search named its own training (or other) data: fine-tuning uses it
+            job_spec["roles"] = sources
         job = submit_job(sf, "qat", job_spec, settings=settings, tenant_id=tenant_id)
         repo.link_job(sf, search_id, job.id, tenant_id, "qat", i)
         jobs.append({"point": i, "job_id": job.id})
@@ -277,62 +186,75 @@ def submit_finetunes(
 
 
 def build_spec(
-    request: dict[str, Any],
+    request: SearchRequest,
     model: dict[str, Any],
-    data: dict[str, Any],
+    data: str | None,
+    role_sources: Mapping[str, str | None] | None = None,
     *,
     search_id: str | None,
     tenant_id: str,
 ) -> dict[str, Any]:
-    """The job spec of a validated `SearchRequest` (as a dict), with model and data already resolved to
-    `{"model", "weights"}` and `{"data"}` (see `service.api.deps.resolve_model` / `resolve_data`). The public
-    keys are `service.pipeline.SearchSpec` fields."""
-    from .schemas import BudgetIn
-
-    opts = request.get("options") or {}
-    sens = request.get("sensitivity") or {}
-    solver = request.get("solver") or {}
-    spec: dict[str, Any] = {
-        "model": model["model"],
-        "weights": model.get("weights"),
-        "data": data.get("data") or "none",  # the user's null: data-free
-        "calib_size": request.get("calib_size", 256),
-        "eval_limit": request.get("eval_limit"),
-        "seed": request.get("seed", 0),
-        "budgets": [
-            {"metric": b["metric"], "limit": BudgetIn(**b).limit()} for b in request.get("budgets") or []
-        ],
-        "latency_table": request.get("latency_table"),
-        "weight_bits": list(opts.get("weight_bits") or []),
-        "activation_bits": list(opts.get("activation_bits") or []),
-        "constraints": {
-            "pinned": dict(opts.get("pins") or {}),
-            "ties": [list(g) for g in opts.get("ties") or []],
-            "pin_first": opts.get("pin_first"),
-            "pin_last": opts.get("pin_last"),
-        },
-        "method": sens.get("method", "fisher"),
-        "method_params": dict(sens.get("settings") or {}),
-        "solver": solver.get("name", "ilp"),
-        "solver_params": dict(solver.get("settings") or {}),
-        "pareto": request.get("pareto_points", 8),
-        "quant": dict(request.get("quant") or {}),
-        "_qat": request.get("qat"),
+    """The job spec of a validated `SearchRequest`: its `SearchSpec` part with the model, data and role
+    sources resolved (`model`: `{"model", "weights"}`; `data` and `role_sources`: zoo references or stored
+    paths, see `service.api.deps`), and the job's own keys (starting with "_") beside it."""
+    spec = SearchSpec.parse(request.spec_part()).model_dump(mode="json")
+    spec["model"], spec["weights"], spec["data"] = model["model"], model.get("weights"), data
+    for role, source in (role_sources or {}).items():
+        spec["roles"][role]["source"] = source
+    spec.update({
+        "_qat": request.qat.model_dump(mode="json") if request.qat is not None else None,
         "_tenant_id": tenant_id,
-        "_model_ref": request.get("model"),
-        "_data_ref": request.get("data"),
-    }
+        "_model_ref": request.model,
+        "_data_ref": request.data,
+    })
     if search_id is not None:
         spec["_search_id"] = search_id
     else:  # a schedule's template: each run creates its search from these
-        spec["_request"] = request
+        spec["_request"] = request.model_dump(mode="json")
     return spec
 
 
-def check_spec(spec: dict[str, Any]) -> None:
-    """Let the pipeline refuse a spec now (a 422) rather than in the job, when it can say."""
-    try:
-        from service.pipeline import SearchSpec
-    except ImportError:
+def check_spec(spec: dict[str, Any]) -> SearchSpec:
+    """Refuse now (a 422) what the worker would refuse later: the spec itself, and plug-ins that need what
+    a search cannot give them."""
+    from bitsearch.registry import check_runnable
+
+    s = SearchSpec.parse(pipeline_spec(spec))
+    check_runnable(s)
+    check_against_model(s)
+    return s
+
+
+def _model_for_checks(s: SearchSpec):
+    """(module, example input) of the spec's model, cheaply: a zoo architecture is built, not trained."""
+    import torch
+
+    from zoo.models import get_model_spec
+
+    if s.model.startswith("zoo:") or s.weights is not None:
+        ms = get_model_spec(s.model)
+        return ms.builder().eval(), torch.zeros(2, *ms.input_shape)
+    from zoo.uploads import load_any_model
+
+    loaded = load_any_model(s.model, s.weights)
+    return loaded.model, loaded.example_input
+
+
+def check_against_model(s: SearchSpec) -> None:
+    """Pins and ties must name the model's layers, and data-free calibration needs BatchNorm statistics."""
+    o = s.options
+    named = set(o.pins) | {n for g in o.ties for n in g}
+    if not named and not s.data_free:
         return
-    SearchSpec.from_dict(pipeline_spec(spec))
+    from bitsearch.pipeline import check_layer_names
+    from quant.layers import discover_layers
+    from sensitivity.datafree import batchnorm_layers
+
+    module, example = _model_for_checks(s)
+    if named:
+        check_layer_names(o.constraints(), [l.name for l in discover_layers(module, example)])
+    if s.data_free and not batchnorm_layers(module):
+        raise BitsearchError(
+            "data-free calibration ('data': 'none') distils inputs from BatchNorm statistics, and this model "
+            "has no BatchNorm layer: give a data set"
+        )

@@ -202,26 +202,15 @@ def budgets_text(request: dict[str, Any]) -> str:
 
 
 def best_recommendation(search: SearchOut) -> str:
-    """The recommendation at the request's first budget (else the first one), in a few words."""
-    recs = [r for r in ((search.summary or {}).get("recommendations") or []) if isinstance(r, dict)]
+    """The recommendation at the requested budgets (else the last of the sweep), in a few words. The summary
+    is what `service.api.search_job.outcome_rows` stores from a `SearchResult`."""
+    recs = (search.summary or {}).get("recommendations") or []
     if not recs:
         return ""
-    chosen = recs[0]
-    budgets = search.request.get("budgets") or []
-    if budgets:
-        try:
-            wanted = budgets[0]["metric"], BudgetIn(**budgets[0]).limit()
-        except (ValueError, TypeError, KeyError):
-            wanted = None
-        for r in recs:
-            b = r.get("budget") if isinstance(r.get("budget"), dict) else {}
-            if wanted and b.get("metric") == wanted[0] and _finite(b.get("limit")) is not None:
-                if math.isclose(b["limit"], wanted[1], rel_tol=1e-9):
-                    chosen = r
-                    break
-    point = chosen.get("point") if isinstance(chosen.get("point"), dict) else chosen
-    metrics, measured = point.get("metrics") or {}, point.get("measured") or {}
-    words = [str(point.get("label") or point.get("kind") or "mixed")]
+    chosen = next((r for r in recs if r["requested"]), recs[-1])
+    point = chosen["point"]
+    metrics, measured = point["metrics"], point["measured"]
+    words = [str(point["label"] or point["kind"])]
     if _finite(metrics.get("avg_weight_bits")) is not None:
         words.append(format_value("avg_weight_bits", metrics["avg_weight_bits"]))
     if _finite(measured.get("top1")) is not None:

@@ -275,7 +275,8 @@ def searches_page(
         "datasets": datasets,
         "metrics": METRICS,
         "methods": sorted(METHODS),
-        "solvers": sorted(SOLVERS),
+        # solvers a search spec can run (bayes and qbitopt need a scorer or a trainer from Python)
+        "solvers": sorted(n for n in SOLVERS if not SOLVERS.capabilities(n).needs_scorer),
         "defaults": SearchRequest(model="zoo:digits-cnn"),
     }
     rows = _search_rows(request, sf, viewer, offset, (models, datasets))
@@ -289,6 +290,14 @@ def search_rows(
 ) -> HTMLResponse:
     """The searches table's body alone, for the page's live updates."""
     return render(request, "_search_rows.html", _search_rows(request, sf, viewer, offset))
+
+
+def _stored_spec(stored: dict[str, Any] | None) -> SearchRequest | None:
+    """The typed request a search was stored with (None for a row the current schema no longer reads)."""
+    try:
+        return SearchRequest.model_validate(stored or {})
+    except ValueError:
+        return None
 
 
 def _search_state(request: Request, sf, viewer: Viewer, search_id: str) -> dict[str, Any]:
@@ -305,6 +314,7 @@ def _search_state(request: Request, sf, viewer: Viewer, search_id: str) -> dict[
     return {
         "search": search,
         "spec_request": view.search.request or {},
+        "spec": _stored_spec(view.search.request),
         "jobs": jobs,
         "active": any(j.status in data.ACTIVE for _, _, j in jobs) or view.job is None,
         # the page redraws its charts when this changes (the search or a fine-tuning finished)

@@ -89,6 +89,10 @@ def _qat(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     return run_finetune(spec, ctx)
 
 
-# The "search" kind persists into the service's tables, so it lives beside the API; importing it here
-# makes every worker (local or Celery) know it.
-from service.api import search_job as _search_job  # noqa: E402,F401
+@register_kind("search")
+def _search(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
+    # It persists into the service's tables, so it lives beside the API (imported here, when a job runs:
+    # search_job imports this module, never the other way round at import time).
+    from service.api.search_job import search_kind
+
+    return search_kind(spec, ctx)

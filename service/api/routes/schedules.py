@@ -13,7 +13,7 @@ from service.schedules import create_schedule
 from .. import views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
 from ..schemas import Page, PTQRequest, ScheduleIn, ScheduleOut, SearchRequest
-from ..search_job import build_spec, check_spec
+from .searches import job_spec
 
 router = APIRouter(tags=["schedules"])
 ScheduleId = Annotated[str, Path(max_length=64)]
@@ -34,10 +34,7 @@ def add_schedule(body: ScheduleIn, tenant: TenantId, sf: SF, settings: SettingsD
     """Run a search (`kind: search`, `spec`: a SearchRequest) or a PTQ (`kind: ptq`) at each cron tick."""
     if body.kind == "search":
         req = _validated(SearchRequest, body.spec)
-        model = resolve_model(sf, settings, tenant, req.model)
-        data = resolve_data(sf, settings, tenant, req.data)
-        spec = build_spec(req.model_dump(mode="json"), model, data, search_id=None, tenant_id=tenant)
-        check_spec(spec)
+        spec = job_spec(sf, settings, tenant, req, None)
     else:
         req = _validated(PTQRequest, body.spec)
         model = resolve_model(sf, settings, tenant, req.model)

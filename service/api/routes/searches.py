@@ -39,6 +39,17 @@ def _hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def job_spec(sf, settings, tenant: str, body: SearchRequest, search_id: str | None) -> dict:
+    """The checked job spec of a request: uploads resolved to stored files, then refused (422) for anything
+    the worker would refuse later."""
+    model = resolve_model(sf, settings, tenant, body.model)
+    data = resolve_data(sf, settings, tenant, body.data)["data"]
+    roles = {r: resolve_data(sf, settings, tenant, src)["data"] for r, src in body.roles.sources().items()}
+    spec = build_spec(body, model, data, roles, search_id=search_id, tenant_id=tenant)
+    check_spec(spec)
+    return spec
+
+
 def _submit(sf, settings, tenant: str, search_id: str, spec: dict) -> str:
     try:
         job = submit_job(sf, "search", spec, settings=settings)
@@ -67,11 +78,8 @@ def create_search(
 ) -> SearchAccepted:
     """Start a search. The same `Idempotency-Key` with the same body gives the same search (no second job)."""
     req = body.model_dump(mode="json")
-    model = resolve_model(sf, settings, tenant, body.model)
-    data = resolve_data(sf, settings, tenant, body.data)
     search_id = new_id()
-    spec = build_spec(req, model, data, search_id=search_id, tenant_id=tenant)
-    check_spec(spec)
+    spec = job_spec(sf, settings, tenant, body, search_id)
     check_job_quota(sf, tenant, "search", spec, settings)
     queue = queue_for("search", settings)
     new_job = repo.NewJob("search", spec, queue, settings.max_attempts)
