@@ -31,17 +31,10 @@ from db import jobs as repo
 from db.models import Job, JobStatus, Result
 from db.session import make_engine, normalise_url, session_factory
 from service.api.auth import create_key
+from tests.helpers import TINY_SEARCH
 
 BIN = Path(sys.executable).parent / "bitsearch"
-SEARCH = {
-    "model": "zoo:digits-mlp",
-    "data": "zoo:digits",
-    "budgets": [{"metric": "avg_weight_bits", "value": 4}],
-    "options": {"weight_bits": [2, 4, 8]},
-    "pareto_points": 3,
-    "calib_size": 64,
-    "eval_limit": 200,
-}
+SEARCH = TINY_SEARCH
 REPORT: dict[str, dict] = {}
 
 
