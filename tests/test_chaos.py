@@ -353,6 +353,10 @@ class CuttableProxy:
 
     def cut(self) -> None:
         if self.server is not None:
+            try:  # wakes the thread blocked in accept(); close() alone leaves the socket listening
+                self.server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.server.close()
             self.server = None
         with self.lock:

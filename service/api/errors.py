@@ -67,8 +67,8 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: _doc("Internal error; `error_id` names it in the server's log"),
     503: _doc("The database (or broker) is unavailable; retry after `Retry-After` seconds"),
 }
-#: The same for the unauthenticated health endpoints.
-PUBLIC_RESPONSES = {k: COMMON_RESPONSES[k] for k in (413, 422, 500, 503)}
+#: The same for the unauthenticated health endpoints (`/readyz` documents its own 503 body).
+PUBLIC_RESPONSES = {k: COMMON_RESPONSES[k] for k in (413, 500)}
 
 
 def error_response(status: int, detail: Any, code: str | None = None,
@@ -146,6 +146,8 @@ def install_error_docs(app) -> None:
         ref = {"$ref": "#/components/schemas/ErrorBody"}
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
+                if "health" in (op.get("tags") or []):  # readiness answers its own body, not ErrorBody
+                    continue
                 for status, resp in (op.get("responses") or {}).items():
                     if status.isdigit() and int(status) >= 400 and "content" not in resp:
                         resp["content"] = {"application/json": {"schema": dict(ref)}}
