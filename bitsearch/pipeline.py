@@ -74,7 +74,7 @@ def run_search(
     """The whole search; see the module docstring. `model`/`data`/`roles`: Python objects that take the place
     of the spec's references."""
     from search import AllocationProblem, Budget, measure_front, pareto_front, recommend
-    from search.problem import canonical_metric
+    from search.budgets import canonical_metric
     from sensitivity import SensitivityOptions, compute_sensitivity
 
     s = SearchSpec.parse(spec)

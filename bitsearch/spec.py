@@ -97,7 +97,7 @@ class BudgetIn(Strict):
     @classmethod
     def _from_text(cls, data: Any) -> Any:
         if isinstance(data, str):
-            from search.problem import canonical_metric
+            from search.budgets import canonical_metric
 
             s = data.strip()
             sep = "<=" if "<=" in s else "=" if "=" in s else ":" if ":" in s else None
@@ -126,7 +126,7 @@ class BudgetIn(Strict):
             if not math.isfinite(self.value) or self.value <= 0:
                 raise ValueError(f"the {self.metric} budget must be a positive number")
             return float(self.value)
-        from search.problem import parse_value
+        from search.budgets import parse_value
 
         try:
             return float(parse_value(self.metric, self.value))
@@ -280,6 +280,8 @@ class RoleData(Strict):
 
     @model_validator(mode="after")
     def _one(self) -> "RoleData":
+        if self.source == "none":
+            raise ValueError("a data role needs data: 'none' (data-free) is only for 'data'")
         if (self.source is None) == (self.split_of is None):
             raise ValueError("a data role needs exactly one of 'source' and 'split_of'")
         if self.split_of is not None and self.size is None:
@@ -360,7 +362,7 @@ class SearchSpec(Strict):
     def _metric(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from search.problem import canonical_metric
+        from search.budgets import canonical_metric
 
         try:
             return canonical_metric(v)

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Job, JobStatus, Schedule, new_id, utcnow
+from .session import transaction
 from .tables import (
     AllocationRow,
     ApiKey,
@@ -27,7 +28,8 @@ from .tables import (
     Tenant,
 )
 
-SF = sessionmaker[Session]
+#: A session factory (each call is its own transaction) or a `Session` (the caller's unit of work).
+SF = sessionmaker[Session] | Session
 T = TypeVar("T")
 
 
@@ -40,7 +42,7 @@ def _detach(s: Session, rows: Iterable[T]) -> list[T]:
 
 def ping(sf: SF) -> None:
     """Raise unless the database answers."""
-    with sf() as s:
+    with transaction(sf) as s:
         s.execute(text("SELECT 1"))
 
 
@@ -49,27 +51,27 @@ def ping(sf: SF) -> None:
 
 def ensure_tenant(sf: SF, name: str) -> Tenant:
     """The tenant called `name`, created when missing (safe under concurrent calls)."""
-    with sf() as s:
+    with transaction(sf) as s:
         t = s.scalar(select(Tenant).where(Tenant.name == name))
         if t is not None:
             s.expunge(t)
             return t
     try:
-        with sf.begin() as s:
+        with transaction(sf, write=True) as s:
             t = Tenant(name=name)
             s.add(t)
             s.flush()
             s.expunge(t)
             return t
     except IntegrityError:
-        with sf() as s:
+        with transaction(sf) as s:
             t = s.scalar(select(Tenant).where(Tenant.name == name))
             s.expunge(t)
             return t
 
 
 def get_tenant(sf: SF, tenant_id: str) -> Tenant | None:
-    with sf() as s:
+    with transaction(sf) as s:
         t = s.get(Tenant, tenant_id)
         if t is not None:
             s.expunge(t)
@@ -77,7 +79,7 @@ def get_tenant(sf: SF, tenant_id: str) -> Tenant | None:
 
 
 def add_api_key(sf: SF, tenant_id: str, prefix: str, key_hash: str, name: str = "") -> ApiKey:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         k = ApiKey(tenant_id=tenant_id, prefix=prefix, key_hash=key_hash, name=name)
         s.add(k)
         s.flush()
@@ -87,7 +89,7 @@ def add_api_key(sf: SF, tenant_id: str, prefix: str, key_hash: str, name: str = 
 
 def find_api_key(sf: SF, prefix: str) -> ApiKey | None:
     """The live (not revoked) key with this public prefix."""
-    with sf() as s:
+    with transaction(sf) as s:
         k = s.scalar(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)))
         if k is not None:
             s.expunge(k)
@@ -95,7 +97,7 @@ def find_api_key(sf: SF, prefix: str) -> ApiKey | None:
 
 
 def revoke_api_key(sf: SF, tenant_id: str, prefix: str) -> bool:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         res = s.execute(
             update(ApiKey)
             .where(ApiKey.tenant_id == tenant_id, ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
@@ -110,7 +112,7 @@ Upload = StoredModel | StoredDataset
 
 
 def add_upload(sf: SF, cls: type[Upload], **fields: Any) -> Upload:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         row = cls(**fields)
         s.add(row)
         s.flush()
@@ -119,7 +121,7 @@ def add_upload(sf: SF, cls: type[Upload], **fields: Any) -> Upload:
 
 
 def get_upload(sf: SF, cls: type[Upload], tenant_id: str, upload_id: str) -> Upload | None:
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.scalar(select(cls).where(cls.id == upload_id, cls.tenant_id == tenant_id))
         if row is not None:
             s.expunge(row)
@@ -129,7 +131,7 @@ def get_upload(sf: SF, cls: type[Upload], tenant_id: str, upload_id: str) -> Upl
 def list_uploads(
     sf: SF, cls: type[Upload], tenant_id: str, limit: int, offset: int
 ) -> tuple[list[Upload], int]:
-    with sf() as s:
+    with transaction(sf) as s:
         q = select(cls).where(cls.tenant_id == tenant_id)
         total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
         rows = _detach(s, s.scalars(q.order_by(cls.created_at.desc(), cls.id).limit(limit).offset(offset)))
@@ -138,7 +140,7 @@ def list_uploads(
 
 def delete_upload(sf: SF, cls: type[Upload], tenant_id: str, upload_id: str) -> Upload | None:
     """Delete the row and return it (the caller then removes its file), or None when there is none."""
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         row = s.scalar(select(cls).where(cls.id == upload_id, cls.tenant_id == tenant_id))
         if row is None:
             return None
@@ -190,7 +192,7 @@ def create_search(
     With `new_job`, its queued job and the link between the two are inserted in the same transaction: one
     commit instead of three, and no search can be left without its job."""
     try:
-        with sf.begin() as s:
+        with transaction(sf, write=True) as s:
             if new_job is not None:
                 job_id = new_id()
                 s.add(
@@ -224,7 +226,7 @@ def create_search(
     except IntegrityError:
         if idempotency_key is None:
             raise
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.scalar(
             select(Search).where(Search.tenant_id == tenant_id, Search.idempotency_key == idempotency_key)
         )
@@ -237,7 +239,7 @@ def create_search(
 
 
 def delete_search_row(sf: SF, tenant_id: str, search_id: str) -> bool:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         res = s.execute(delete(Search).where(Search.id == search_id, Search.tenant_id == tenant_id))
         return res.rowcount == 1
 
@@ -247,7 +249,7 @@ def link_job(
 ) -> bool:
     """Record that `job_id` works for the search (its own job: role 'search'), and give the job its owner.
     Returns False when the search is gone (deleted meanwhile)."""
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         s.execute(update(Job).where(Job.id == job_id).values(tenant_id=tenant_id))
         if s.get(Search, search_id) is None:
             return False
@@ -260,7 +262,7 @@ def link_job(
 
 
 def search_for_job(sf: SF, job_id: str) -> Search | None:
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.scalar(select(Search).where(Search.job_id == job_id))
         if row is not None:
             s.expunge(row)
@@ -268,7 +270,7 @@ def search_for_job(sf: SF, job_id: str) -> Search | None:
 
 
 def search_exists(sf: SF, search_id: str) -> bool:
-    with sf() as s:
+    with transaction(sf) as s:
         return s.scalar(select(func.count()).select_from(Search).where(Search.id == search_id)) == 1
 
 
@@ -281,7 +283,7 @@ class SearchView:
 
 def get_search(sf: SF, tenant_id: str, search_id: str, finetunes: bool = False) -> SearchView | None:
     """The search with its job (and, with `finetunes`, its QAT jobs), in one session."""
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.execute(
             select(Search, Job)
             .outerjoin(Job, Job.id == Search.job_id)
@@ -308,7 +310,7 @@ def get_search(sf: SF, tenant_id: str, search_id: str, finetunes: bool = False) 
 def list_searches(
     sf: SF, tenant_id: str, status: str | None, model: str | None, limit: int, offset: int
 ) -> tuple[list[SearchView], int]:
-    with sf() as s:
+    with transaction(sf) as s:
         q = select(Search, Job).outerjoin(Job, Job.id == Search.job_id).where(Search.tenant_id == tenant_id)
         if status:
             q = q.where(Job.status == JobStatus(status))
@@ -326,7 +328,7 @@ def list_searches(
 
 
 def search_job_ids(sf: SF, tenant_id: str, search_id: str) -> list[str]:
-    with sf() as s:
+    with transaction(sf) as s:
         ids = set(
             s.scalars(
                 select(SearchJob.job_id)
@@ -361,7 +363,7 @@ def save_search_outcome(
 ) -> bool:
     """Store a finished search's results in one transaction, replacing any earlier attempt's. Returns False
     (and stores nothing) when the search no longer exists."""
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         search = s.get(Search, search_id, with_for_update=True)
         if search is None:
             return False
@@ -400,7 +402,7 @@ def save_search_outcome(
 
 
 def get_sensitivity(sf: SF, tenant_id: str, search_id: str) -> SensitivityTableRow | None:
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.scalar(
             select(SensitivityTableRow)
             .join(Search, Search.id == SensitivityTableRow.search_id)
@@ -412,7 +414,7 @@ def get_sensitivity(sf: SF, tenant_id: str, search_id: str) -> SensitivityTableR
 
 
 def get_points(sf: SF, tenant_id: str, search_id: str) -> list[ParetoPoint]:
-    with sf() as s:
+    with transaction(sf) as s:
         return _detach(
             s,
             s.scalars(
@@ -427,7 +429,7 @@ def get_points(sf: SF, tenant_id: str, search_id: str) -> list[ParetoPoint]:
 def get_point_allocation(
     sf: SF, tenant_id: str, search_id: str, index: int
 ) -> tuple[ParetoPoint, AllocationRow | None] | None:
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.execute(
             select(ParetoPoint, AllocationRow)
             .join(Search, Search.id == ParetoPoint.search_id)
@@ -452,12 +454,12 @@ def _tenant_jobs(tenant_id: str):
 
 
 def set_job_tenant(sf: SF, job_id: str, tenant_id: str) -> None:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         s.execute(update(Job).where(Job.id == job_id).values(tenant_id=tenant_id))
 
 
 def get_job(sf: SF, tenant_id: str, job_id: str) -> Job | None:
-    with sf() as s:
+    with transaction(sf) as s:
         job = s.scalar(select(Job).where(Job.id == job_id, _tenant_jobs(tenant_id)))
         if job is not None:
             s.expunge(job)
@@ -467,7 +469,7 @@ def get_job(sf: SF, tenant_id: str, job_id: str) -> Job | None:
 def list_jobs(
     sf: SF, tenant_id: str, status: str | None, kind: str | None, limit: int, offset: int
 ) -> tuple[list[Job], int]:
-    with sf() as s:
+    with transaction(sf) as s:
         q = select(Job).where(_tenant_jobs(tenant_id))
         if status:
             q = q.where(Job.status == JobStatus(status))
@@ -480,20 +482,13 @@ def list_jobs(
 
 def count_jobs_by_status(sf: SF) -> dict[tuple[str, str], int]:
     """(status, kind) -> number of jobs, over all tenants (for /metrics)."""
-    with sf() as s:
+    with transaction(sf) as s:
         rows = s.execute(select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)).all()
         return {(st.value if isinstance(st, JobStatus) else str(st), kind): n for st, kind, n in rows}
 
 
-def set_schedule_owner(sf: SF, schedule_id: str, tenant_id: str, enabled: bool = True) -> None:
-    with sf.begin() as s:
-        s.execute(
-            update(Schedule).where(Schedule.id == schedule_id).values(tenant_id=tenant_id, enabled=enabled)
-        )
-
-
 def get_schedule(sf: SF, tenant_id: str, schedule_id: str) -> Schedule | None:
-    with sf() as s:
+    with transaction(sf) as s:
         row = s.scalar(select(Schedule).where(Schedule.id == schedule_id, Schedule.tenant_id == tenant_id))
         if row is not None:
             s.expunge(row)
@@ -501,7 +496,7 @@ def get_schedule(sf: SF, tenant_id: str, schedule_id: str) -> Schedule | None:
 
 
 def list_schedules(sf: SF, tenant_id: str, limit: int, offset: int) -> tuple[list[Schedule], int]:
-    with sf() as s:
+    with transaction(sf) as s:
         q = select(Schedule).where(Schedule.tenant_id == tenant_id)
         total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
         rows = _detach(
@@ -511,7 +506,7 @@ def list_schedules(sf: SF, tenant_id: str, limit: int, offset: int) -> tuple[lis
 
 
 def delete_schedule(sf: SF, tenant_id: str, schedule_id: str) -> bool:
-    with sf.begin() as s:
+    with transaction(sf, write=True) as s:
         # its jobs keep their owner once the schedule (through which they were owned) is gone
         owned = select(Schedule.id).where(Schedule.id == schedule_id, Schedule.tenant_id == tenant_id)
         s.execute(update(Job).where(Job.schedule_id.in_(owned)).values(tenant_id=tenant_id))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
@@ -72,3 +74,19 @@ def _factory(url: str) -> sessionmaker[Session]:
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
     """A migrated database's session factory, one per URL per process."""
     return _factory(normalise_url(url or default_url()))
+
+
+@contextmanager
+def transaction(db: "sessionmaker[Session] | Session", write: bool = False) -> Iterator[Session]:
+    """A session to work in. Given a `Session` (the caller's unit of work, e.g. one per request), it is used
+    as is and the caller commits or rolls back; given a session factory, a session of its own that commits
+    at the end (`write`) or only reads."""
+    if isinstance(db, Session):
+        yield db
+        return
+    if write:
+        with db.begin() as s:
+            yield s
+    else:
+        with db() as s:
+            yield s

@@ -33,7 +33,7 @@ from quant.allocation import LayerBits, is_float_bits
 from quant.apply import DATA_CLIPS
 
 from .base import SensitivityContext, SensitivityMethod, register_method
-from .hessian import (
+from .plumbing import (
     PerSampleGrads,
     capture_forward,
     labels_for,

@@ -191,7 +191,7 @@ class MeasuredSensitivity(SensitivityMethod):
 
         def __post_init__(self) -> None:
             if self.metric is not None:
-                check_choice(self.metric, ("loss", "kl"), "metric")
+                check_choice(self.metric, METRICS, "metric")
             if not isinstance(self.suffix_cache, bool):
                 raise BitsearchError("suffix_cache must be true or false")
             check_positive(self.cache_mb, "cache_mb")

@@ -6,7 +6,6 @@ stderr with exit code 2 and no traceback unless `--debug`.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -270,11 +269,10 @@ def keys_create(
 
 
 def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
-    """A local worker process of `serve` (spawned): registers the service's job kinds, dies with `serve`,
-    then polls for jobs (see `service.jobs.local.supervised_worker`)."""
+    """A local worker process of `serve` (spawned): polls for jobs of every kind (`service.jobs.kinds`), and
+    dies with `serve` (see `service.jobs.local.supervised_worker`)."""
     import logging
 
-    from service.api import search_job  # noqa: F401
     from service.jobs.local import lower_priority, supervised_worker
     from service.settings import get_settings
 

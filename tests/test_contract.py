@@ -294,13 +294,21 @@ def test_pins_are_accepted_and_reach_the_worker_in_a_form_it_reads(api):
     assert data_free.status_code == 202, data_free.text  # a model with BatchNorm may go data-free
 
 
-def test_labels_beyond_any_class_are_refused(tmp_path):
+def test_labels_beyond_any_class_are_refused(tmp_path, api):
     from zoo.data import as_dataset, load_npz
 
     path = tmp_path / "big.npz"
     np.savez(path, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 2**40]))
     with pytest.raises(BitsearchError, match="class indices"):
         load_npz(path)
+    client, h, _ = api
+    r = client.post("/datasets", files={"file": ("big.npz", path.read_bytes())}, headers=h)
+    assert r.status_code == 422 and "class indices" in r.text and str(tmp_path) not in r.text
+    np.savez(path, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 11]))  # 12 classes; the model has 10
+    did = client.post("/datasets", files={"file": ("c12.npz", path.read_bytes())}, headers=h).json()["id"]
+    for body in ({"data": did}, {"data": "zoo:digits", "roles": {"report": did}}):
+        r = client.post("/search", json={"model": "zoo:digits-mlp", **body}, headers=h)
+        assert r.status_code == 422 and "labels up to 11" in r.text, r.text
     with pytest.raises(BitsearchError, match="class indices"):
         as_dataset((np.zeros((2, 3), np.float32), np.array([0, 2**40])))
 
@@ -393,3 +401,58 @@ def test_sensitivity_and_finetune_from_python(trained):
     assert res.steps == 3 and res.metrics["top1"] is not None
     with pytest.raises(BitsearchError, match="no labels"):
         bitsearch.finetune(model, alloc, sp.train.x, recipe={"steps": 1})
+
+
+def test_a_batch_of_fine_tunes_is_all_or_nothing(api, monkeypatch):
+    """The service layer queues a batch in one transaction; when the broker fails half-way, none of it stays
+    queued, so a retry queues each point exactly once."""
+    from service import searches as service
+    from service.api.search_job import persist_outcome
+    from tests.test_api import fake_outcome, finish_job
+
+    client, h, sf = api
+    acc = client.post("/search", json={"model": "zoo:digits-mlp", "data": "zoo:digits"}, headers=h).json()
+    persist_outcome(sf, acc["id"], fake_outcome())
+    finish_job(sf, acc["job_id"])
+    real_send, calls = service.send, []
+
+    def flaky(job_id, queue, settings=None):
+        calls.append(job_id)
+        if len(calls) == 2:
+            raise ConnectionError("broker gone")
+        return real_send(job_id, queue, settings)
+
+    monkeypatch.setattr(service, "send", flaky)
+    r = client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 1, 2]}, headers=h)
+    assert r.status_code == 503 and "try again" in r.json()["detail"]
+    qat = [j for j in job_repo.list_jobs(sf, kind="qat")]
+    assert len(qat) == 3 and all(j.status == JobStatus.cancelled for j in qat)
+    monkeypatch.setattr(service, "send", real_send)
+    r = client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 1, 2]}, headers=h)
+    assert r.status_code == 202
+    queued = [j for j in job_repo.list_jobs(sf, kind="qat") if j.status == JobStatus.queued]
+    assert sorted(j.id for j in queued) == sorted(j["job_id"] for j in r.json()["jobs"])
+    assert client.post(f"/searches/{acc['id']}/finetune", json={"points": [0, 9]}, headers=h).status_code == 422
+    assert len(job_repo.list_jobs(sf, kind="qat")) == 6  # a refused batch adds nothing
+
+
+def test_a_schedule_is_stored_with_its_owner_at_once(api):
+    from db.models import Schedule
+
+    client, h, sf = api
+    r = client.post("/schedules", json={"name": "nightly", "cron": "0 3 * * *", "enabled": False,
+                                        "spec": {"model": "zoo:digits-mlp"}}, headers=h)
+    assert r.status_code == 201, r.text
+    with sf() as s:
+        (row,) = s.query(Schedule).all()
+        assert row.tenant_id is not None and row.enabled is False
+
+
+def test_an_exported_program_is_a_model_too(trained):
+    model, sp = trained
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (sp.test.x[:2],), dynamic_shapes=({0: batch},))
+    r = bitsearch.search(ep, sp.test, method="fisher", pareto=1, measure=False, options={"weight_bits": [4, 8]},
+                         sensitivity={"samples": 16}, calib_size=16)
+    assert r.table.layer_names == ["conv", "fc1", "fc2"] and r.recommendations == [] and r.points
+    assert r.data["calibration"]["size"] == 16 and r.data["selection"]["source"] == sp.test.name

@@ -1,6 +1,6 @@
 """Quantization-aware training: learnable quantizers (LSQ, PACT, DoReFa), Bin Regularization, the recipe
 and the trainer that fine-tunes an `Allocation` (see `quant.qat.trainer` for the callback and checkpoint
-interfaces).
+interfaces; `state`, `checkpoint` and `layers` hold their parts).
 
     from quant.qat import QATRecipe, finetune
     result = finetune(model, allocation, train_data, QATRecipe(steps=300), eval_data=test)
@@ -18,16 +18,9 @@ from .quantizers import (
     pact_l2_penalty,
 )
 from .recipe import QATRecipe
-from .trainer import (
-    CHECKPOINT_NAME,
-    Callback,
-    PrintProgress,
-    QATResult,
-    QATTrainer,
-    StepState,
-    finetune,
-    strip_quantizers,
-)
+from .checkpoint import CHECKPOINT_NAME
+from .state import Callback, PrintProgress, QATResult, StepState
+from .trainer import QATTrainer, finetune, strip_quantizers
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -59,118 +59,38 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..allocation import Allocation, LayerBits, is_float_bits
-from ..apply import (
-    DATA_CLIPS,
-    QuantConfig,
-    QuantizedLayer,
-    apply_allocation,
-    collect_statistics,
-    quantized_layers,
-    wrap_model,
-)
-from ..calibration import ClipContext, calibrate_activation, clip_range
+from ..allocation import Allocation, LayerBits
+from ..apply import QuantConfig, QuantizedLayer, apply_allocation, quantized_layers, wrap_model
 from ..errors import BitsearchError
-from ..quantizers import FloatQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
+from ..quantizers import Quantizer
 from .binreg import binreg_loss
-from .quantizers import DoReFaQuantizer, LearnableQuantizer, LSQQuantizer, PACTQuantizer, pact_l2_penalty
-from .recipe import RESUMABLE_CHANGES, QATRecipe
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    _materialise,
+    _quantizer_from_spec,
+    _quantizer_spec,
+    _rng_state,
+    _set_rng_state,
+    read_checkpoint,
+    write_checkpoint,
+)
+from .layers import LayerQuantizers
+from .quantizers import pact_l2_penalty
+from .recipe import QATRecipe
+from .state import QATResult, StepState
 
-CHECKPOINT_NAME = "qat-checkpoint.pt"
-CHECKPOINT_FORMAT = "bitsearch.qat-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Public types
-
-
-@dataclass
-class StepState:
-    """What a callback sees after each optimizer step."""
-
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float
-    lr: float
-    seconds: float
-    allocation: Allocation
-    model: nn.Module
-    trainer: "QATTrainer"
-    metrics: dict[str, Any] | None = None
-    stop_requested: bool = False
-
-    @property
-    def progress(self) -> float:
-        return self.step / max(1, self.total_steps)
-
-    def request_stop(self) -> None:
-        self.stop_requested = True
-
-
-@runtime_checkable
-class Callback(Protocol):
-    def on_step(self, state: StepState) -> Allocation | None: ...
-
-
-@dataclass
-class QATResult:
-    metrics: dict[str, Any]  # final evaluation on eval_data ({} without eval data)
-    steps: int  # optimizer steps done in total (across resumes)
-    seconds: float  # wall time of training and evaluation, summed across resumes
-    history: list[dict[str, Any]]
-    allocation: Allocation  # the final allocation (a callback may have changed bits)
-    checkpoint: Path | None
-    model: nn.Module  # the trained fake-quant model, eval mode
-    recipe: QATRecipe
-    stopped: bool = False  # True when a stop request ended training early
-    initial_metrics: dict[str, Any] | None = None  # before training (the PTQ starting point), fresh runs
-    train_seconds: float = 0.0  # time in optimizer steps only
-    device: str = "cpu"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metrics": self.metrics,
-            "initial_metrics": self.initial_metrics,
-            "steps": self.steps,
-            "seconds": self.seconds,
-            "train_seconds": self.train_seconds,
-            "stopped": self.stopped,
-            "allocation": self.allocation.to_dict(),
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-            "recipe": self.recipe.to_dict(),
-            "device": self.device,
-        }
-
-
-class PrintProgress:
-    """A callback that prints step, loss and lr every `every` steps (and every evaluation)."""
-
-    def __init__(self, every: int = 50, prefix: str = "", printer: Callable[[str], None] = print):
-        self.every, self.prefix, self.printer = every, prefix, printer
-
-    def on_step(self, state: StepState) -> None:
-        if state.metrics is not None or state.step % self.every == 0 or state.step == state.total_steps:
-            extra = f" top1 {state.metrics['top1']:.2f} %" if state.metrics and state.metrics.get("top1") is not None else ""
-            self.printer(
-                f"{self.prefix}step {state.step}/{state.total_steps} loss {state.loss:.4f} lr {state.lr:.2e} "
-                f"({state.seconds:.0f} s){extra}"
-            )
 
 
 def strip_quantizers(model: nn.Module) -> nn.Module:
@@ -240,63 +160,6 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
-def _static_range(q: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipping range [lo, hi] a calibrated static quantizer covers."""
-    qmin, qmax = q.levels()
-    return (qmin - q.zero_point) * q.scale, (qmax - q.zero_point) * q.scale
-
-
-def _quantizer_spec(q: Quantizer) -> dict[str, Any]:
-    if isinstance(q, LearnableQuantizer):
-        return q.spec()
-    return {"name": q.name, "bits": q.bits, "per_channel": q.per_channel, "ch_axis": q.ch_axis}
-
-
-def _quantizer_from_spec(spec: dict[str, Any]) -> Quantizer:
-    spec = dict(spec)
-    name, bits = spec.pop("name"), spec.pop("bits")
-    q = make_quantizer(name, bits, **spec)
-    return q
-
-
-def _materialise(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every parameter/buffer the shape its saved tensor has (per-channel scales start as scalars)."""
-    for key, value in state.items():
-        prefix, _, attr = key.rpartition(".")
-        try:
-            owner = module.get_submodule(prefix) if prefix else module
-        except AttributeError:
-            continue
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            if owner._parameters[attr].shape != value.shape:
-                owner._parameters[attr] = nn.Parameter(torch.empty_like(value))
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            if owner._buffers[attr].shape != value.shape:
-                owner._buffers[attr] = torch.empty_like(value)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": json.dumps(random.getstate()),
-        "numpy": json.dumps([np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _cosine_factor(recipe: QATRecipe, total: int) -> Callable[[int], float]:
     warm = min(recipe.warmup_steps, total)
 
@@ -315,7 +178,7 @@ def _cosine_factor(recipe: QATRecipe, total: int) -> Callable[[int], float]:
 # The trainer
 
 
-class QATTrainer:
+class QATTrainer(LayerQuantizers):
     """Builds the fake-quant model in the constructor; `run()` trains it. See the module docstring."""
 
     def __init__(
@@ -453,81 +316,6 @@ class QATTrainer:
             for name, layer in quantized_layers(self.model).items()
         }
 
-    def _static_weight_quantizer(self, layer: QuantizedLayer, bits: LayerBits) -> Quantizer:
-        """What `QuantizedLayer.set_bits` would build for the weights (data clips fall back to mse without stats)."""
-        wq = layer._make_weight_quantizer(bits)
-        if not wq.self_calibrating:
-            clip, ctx = self.config.weight_clip, ClipContext(percentile=self.config.percentile)
-            if clip in DATA_CLIPS:
-                if layer.stats is not None and wq.per_channel:
-                    _, ctx = layer.stats.weight_moments(layer.layer)
-                    ctx.percentile = self.config.percentile
-                else:
-                    clip = "mse"
-            w = layer.layer.weight.detach()
-            rows = w.flatten(1) if wq.per_channel else w.reshape(1, -1)
-            lo, hi = clip_range(clip, rows, wq, ctx)
-            wq.set_range(lo if wq.per_channel else lo[0], hi if wq.per_channel else hi[0])
-        return wq.to(layer.layer.weight.device)
-
-    def _weight_quantizer(self, layer: QuantizedLayer, bits: LayerBits, static: Quantizer | None) -> Quantizer:
-        r = self.recipe
-        w = layer.layer.weight.detach()
-        if is_float_bits(bits.weight_bits):
-            return FloatQuantizer(bits.weight_bits)
-        if bits.weight_quantizer in ("ternary", "binary") or bits.weight_bits == 1 or r.weight_quantizer == "int_sym":
-            if static is None or static.bits != bits.weight_bits or static.name != layer._make_weight_quantizer(bits).name:
-                static = self._static_weight_quantizer(layer, bits)
-            return static
-        per_channel = r.weight_granularity == "per_channel"
-        if r.weight_quantizer == "dorefa":
-            return DoReFaQuantizer(bits.weight_bits, per_channel=per_channel)
-        q = LSQQuantizer(
-            bits.weight_bits, per_channel=per_channel, signed=True, kind="weight",
-            channels=w.shape[0] if per_channel else 1,
-        )
-        if r.init == "paper":
-            q.init_from_tensor(w)
-        else:
-            if not isinstance(static, SymmetricQuantizer) or static.bits != bits.weight_bits:
-                static = self._static_weight_quantizer(layer, bits)
-            q._set_scale(static.scale)  # int_sym and narrow LSQ share Q_P: the same step
-        return q
-
-    def _input_quantizer(self, layer: QuantizedLayer, bits: LayerBits, static: Quantizer | None) -> Quantizer:
-        r = self.recipe
-        if is_float_bits(bits.activation_bits):
-            return FloatQuantizer(bits.activation_bits)
-        if static is None or static.self_calibrating or static.bits != bits.activation_bits:
-            static = layer._make_input_quantizer(bits)
-            calibrate_activation(static, layer.stats, self.config.activation_clip, self.config.percentile)
-        if r.activation_quantizer == "static":
-            return static
-        signed = static.name != "uint"
-        lo, hi = _static_range(static)
-        if r.activation_quantizer == "pact" and not signed:
-            if r.pact_alpha is not None:
-                alpha = r.pact_alpha
-            elif r.init == "paper":
-                alpha = 6.0
-            else:
-                alpha = max(float(hi), 1e-6)
-            return PACTQuantizer(bits.activation_bits, alpha=alpha)
-        q = LSQQuantizer(bits.activation_bits, signed=signed, kind="activation", asymmetric=signed)
-        if r.init == "paper" and layer.stats is not None:
-            q.init_from_tensor(layer.stats.values())
-        else:
-            q.set_range(lo, hi)
-        return q
-
-    def _install(self, layer: QuantizedLayer, bits: LayerBits, static_w=None, static_a=None) -> None:
-        device = layer.layer.weight.device
-        layer.weight_quant = self._weight_quantizer(layer, bits, static_w).to(device)
-        layer.input_quant = self._input_quantizer(layer, bits, static_a).to(device)
-        layer.bias_correction = None
-        layer.bits = bits
-        layer._wq_cache = None
-
     # --- optimizer --------------------------------------------------------------------------------
     def _param_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         quant_ids = {
@@ -567,78 +355,6 @@ class QATTrainer:
         for p in list(self.optimizer.state.keys()):
             if id(p) not in alive or id(p) in reset_ids:
                 del self.optimizer.state[p]
-
-    # --- the bit-width hook -----------------------------------------------------------------------
-    def set_allocation(self, allocation: Allocation) -> list[str]:
-        """Switch to `allocation` (see the module docstring); returns the names of the changed layers."""
-        if not isinstance(allocation, Allocation):
-            raise BitsearchError(f"set_allocation takes an Allocation, got {type(allocation).__name__}")
-        layers = quantized_layers(self.model)
-        allocation.check_layers(layers)
-        changed = [n for n, layer in layers.items() if layer.bits != allocation[n]]
-        if not changed:
-            self.allocation = allocation
-            return []
-        need_stats = [
-            n for n in changed
-            if not is_float_bits(allocation[n].activation_bits)
-            and is_float_bits(layers[n].bits.activation_bits)
-            and layers[n].stats is None
-        ]
-        if need_stats:
-            calib = self._calibration_inputs()
-            if torch.is_tensor(calib):
-                calib = self._to_device(calib)
-            training = self.model.training
-            collect_statistics(self.model, {n: layers[n] for n in need_stats}, calib, self.config)
-            if training:
-                self._train_mode()  # collect_statistics restores plain train(), which would unfreeze BN
-        reset: list[nn.Parameter] = []
-        for n in changed:
-            reset += self._rebits(layers[n], allocation[n])
-        self.allocation = allocation
-        self._refresh_param_groups(reset)
-        for layer in layers.values():
-            layer._wq_cache = None
-        self.history.append({"step": self.step, "allocation_changed": changed})
-        return changed
-
-    def _rebits(self, layer: QuantizedLayer, new: LayerBits) -> list[nn.Parameter]:
-        old = layer.bits
-        reset: list[nn.Parameter] = []
-        device = layer.layer.weight.device
-
-        def plain_int(bits: int, override: str | None = None) -> bool:
-            return not is_float_bits(bits) and bits >= 2 and override not in ("ternary", "binary")
-
-        if (old.weight_bits, old.weight_quantizer) != (new.weight_bits, new.weight_quantizer):
-            wq = layer.weight_quant
-            if plain_int(old.weight_bits, old.weight_quantizer) and plain_int(new.weight_bits, new.weight_quantizer):
-                if isinstance(wq, LearnableQuantizer):
-                    wq.change_bits(new.weight_bits)
-                    reset += list(wq.parameters())
-                else:
-                    lo, hi = _static_range(wq)
-                    nq = make_quantizer(wq.name, new.weight_bits, per_channel=wq.per_channel, ch_axis=wq.ch_axis)
-                    nq.set_range(lo, hi)
-                    layer.weight_quant = nq.to(device)
-            else:
-                layer.weight_quant = self._weight_quantizer(layer, new, None).to(device)
-        if old.activation_bits != new.activation_bits:
-            iq = layer.input_quant
-            if plain_int(old.activation_bits) and plain_int(new.activation_bits):
-                if isinstance(iq, LearnableQuantizer):
-                    iq.change_bits(new.activation_bits)
-                    reset += list(iq.parameters())
-                else:
-                    lo, hi = _static_range(iq)
-                    nq = make_quantizer(iq.name, new.activation_bits)
-                    nq.set_range(lo, hi)
-                    layer.input_quant = nq.to(device)
-            else:
-                layer.input_quant = self._input_quantizer(layer, new, None).to(device)
-        layer.bits = new
-        return reset
 
     def request_stop(self) -> None:
         """Ask the training loop to stop after the current step (safe from another thread)."""
@@ -757,26 +473,7 @@ class QATTrainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
-        if path.is_dir():
-            path = path / CHECKPOINT_NAME
-        if not path.is_file():
-            raise BitsearchError(f"checkpoint {path} does not exist")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BitsearchError(f"cannot read the QAT checkpoint {path}: {exc}") from None
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise BitsearchError(f"{path} is not a bitsearch QAT checkpoint")
-        if ck.get("version") != CHECKPOINT_VERSION:
-            raise BitsearchError(f"QAT checkpoint version {ck.get('version')!r} is not supported")
-        saved = QATRecipe.from_dict(json.loads(ck["recipe"]))
-        diff = [k for k in self.recipe.differences(saved) if k not in RESUMABLE_CHANGES]
-        if diff:
-            raise BitsearchError(
-                f"the recipe differs from the checkpoint's in {diff}; a resumed run must use the same recipe "
-                f"(only {list(RESUMABLE_CHANGES)} may change)"
-            )
-        return ck
+        return read_checkpoint(path, self.recipe)
 
     def _save_checkpoint(self, seconds: float, train_seconds: float) -> Path | None:
         if self.checkpoint_dir is None:
@@ -801,17 +498,8 @@ class QATTrainer:
             "seconds": float(seconds),
             "train_seconds": float(train_seconds),
         }
-        path = self.checkpoint_dir / CHECKPOINT_NAME
-        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=self.checkpoint_dir)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.checkpoint_path = path
-        return path
+        self.checkpoint_path = write_checkpoint(self.checkpoint_dir, state)
+        return self.checkpoint_path
 
     # --- the loop ---------------------------------------------------------------------------------
     def _call_callbacks(self, state: StepState) -> None:

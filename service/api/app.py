@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | Non
 
     @app.exception_handler(BitsearchError)
     async def _user_error(request: Request, exc: BitsearchError) -> JSONResponse:
-        return error_response(getattr(exc, "http_status", 422), str(exc), getattr(exc, "code", None))
+        status = getattr(exc, "http_status", None) or getattr(exc, "status", None) or 422
+        return error_response(status, getattr(exc, "detail", None) or str(exc), getattr(exc, "code", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

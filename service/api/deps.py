@@ -3,17 +3,14 @@ the model and data references of a request to what a job can load."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
-from db.tables import StoredDataset, StoredModel
-from quant.errors import BitsearchError
+from service.searches import abs_path, resolve_data, resolve_model  # noqa: F401  (the routes use them)
 from service.settings import Settings
 
 from . import auth
@@ -55,45 +52,3 @@ TenantId = Annotated[str, Depends(current_tenant)]
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Items to skip.")]
 
-
-def abs_path(settings: Settings, rel: str) -> Path:
-    return (settings.data_dir.expanduser() / rel).resolve()
-
-
-def resolve_model(sf: sessionmaker[Session], settings: Settings, tenant_id: str, ref: str) -> dict[str, Any]:
-    """`{"model", "weights"}` for a job, from 'zoo:NAME' or the id of one of the tenant's uploaded models."""
-    if ref.startswith("zoo:"):
-        from zoo.models import get_model_spec
-
-        get_model_spec(ref)  # BitsearchError (422) when unknown
-        return {"model": ref, "weights": None}
-    row = repo.get_upload(sf, StoredModel, tenant_id, ref)
-    if row is None:
-        raise BitsearchError(f"unknown model {ref!r}: give zoo:NAME or the id of one of your uploaded models")
-    path = str(abs_path(settings, row.path))
-    if row.format == "pt2":
-        return {"model": path, "weights": None}
-    return {"model": row.architecture, "weights": path}
-
-
-def resolve_data(
-    sf: sessionmaker[Session], settings: Settings, tenant_id: str, ref: str | None
-) -> dict[str, Any]:
-    """`{"data"}` for a job: 'zoo:NAME', the path of one of the tenant's uploaded datasets, or None."""
-    if ref is None or ref == "none":  # the model's own zoo data set / data-free
-        return {"data": ref}
-    if ref.startswith("zoo:"):
-        from zoo.data import DATASETS
-
-        if ref[4:] not in DATASETS:
-            raise BitsearchError(
-                f"unknown zoo data set {ref!r}; known: {sorted('zoo:' + k for k in DATASETS)}"
-            )
-        return {"data": ref}
-    row = repo.get_upload(sf, StoredDataset, tenant_id, ref)
-    if row is None:
-        raise BitsearchError(
-            f"unknown data set {ref!r}: give zoo:NAME, the id of one of your uploaded data "
-            "sets, 'none' (data-free) or null (the model's own zoo data set)"
-        )
-    return {"data": str(abs_path(settings, row.path))}

@@ -13,9 +13,8 @@ recommended points are queued for fine-tuning ("qat" jobs) once the search is st
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from bitsearch.result import SearchResult
 from bitsearch.spec import SearchSpec
 from db import repo
 from db.models import new_id
@@ -24,12 +23,17 @@ from service.jobs.kinds import JobCancelled, JobContext, JobOutput
 
 from .schemas import SearchRequest
 
+if TYPE_CHECKING:
+    from bitsearch.result import SearchResult
+
 ProgressFn = Callable[[float, str], None]
 
 
 def outcome_rows(result: SearchResult) -> tuple[dict[str, Any], list[repo.PointRow], dict[str, Any]]:
     """A `SearchResult` as the rows the service stores: the sensitivity table, one row per point (index =
     position in `result.points`: mixed first, then uniform) and the search's summary."""
+    from bitsearch.result import SearchResult
+
     if not isinstance(result, SearchResult):
         raise BitsearchError(f"a search must return a SearchResult, not {type(result).__name__}")
     d = result.to_dict()  # JSON-safe (no NaN): PostgreSQL's JSON refuses it
@@ -135,24 +139,25 @@ def search_kind(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         raise JobCancelled(ctx.job_id)  # the search was deleted while it ran
     result: dict[str, Any] = {"search_id": search_id, **counts}
     if spec.get("_qat") and spec.get("_tenant_id"):
-        result["qat_jobs"] = submit_finetunes(sf, spec, search_id, spec["_tenant_id"], None, spec["_qat"])
+        from service.searches import queue_jobs
+
+        tenant = spec["_tenant_id"]
+        specs = finetune_specs(sf, spec, search_id, tenant, None, spec["_qat"])
+        ids = queue_jobs(sf, get_settings(), tenant, search_id, [("qat", p, s) for p, s in specs])
+        result["qat_jobs"] = [{"point": p, "job_id": j} for (p, _), j in zip(specs, ids)]
     return JobOutput(result)
 
 
-def submit_finetunes(
+def finetune_specs(
     sf,
     spec: Mapping[str, Any],
     search_id: str,
     tenant_id: str,
     points: list[int] | None,
     recipe: dict[str, Any],
-    settings=None,
-    quota: bool = False,
-) -> list[dict[str, Any]]:
-    """Queue one "qat" job per point (default: the recommended ones) of a finished search; returns
-    [{"point", "job_id"}]. Raises BitsearchError naming points that do not exist."""
-    from service.jobs.dispatch import submit_job
-
+) -> list[tuple[int, dict[str, Any]]]:
+    """The "qat" job spec of each point (default: the recommended ones) of a finished search, as
+    [(point, spec)]. Raises BitsearchError naming points that do not exist."""
     stored = repo.get_points(sf, tenant_id, search_id)
     chosen = points if points is not None else [p.index for p in stored if p.recommended]
     by_index = {p.index: p for p in stored}
@@ -161,11 +166,9 @@ def submit_finetunes(
         raise BitsearchError(
             f"no point(s) {missing} with an allocation in search {search_id} (it has {len(stored)} points)"
         )
-    if quota:  # a user's request (not a search's own follow-up): bounds and the tenant's quotas first
-        from service.jobs.quotas import check_job_quota
-
-        check_job_quota(sf, tenant_id, "qat", {"recipe": recipe}, settings, jobs=len(dict.fromkeys(chosen)))
-    jobs = []
+    roles = {r: (spec.get("roles") or {}).get(r) or {} for r in ("train", "calibration", "report")}
+    sources = {r: v["source"] for r, v in roles.items() if v.get("source")}
+    out = []
     for i in dict.fromkeys(chosen):
         _, alloc = repo.get_point_allocation(sf, tenant_id, search_id, i)
         job_spec = {
@@ -175,14 +178,10 @@ def submit_finetunes(
             "allocation": alloc.allocation,
             "recipe": dict(recipe),
         }
-        roles = {r: (spec.get("roles") or {}).get(r) or {} for r in ("train", "calibration", "report")}
-        sources = {r: v["source"] for r, v in roles.items() if v.get("source")}
         if sources:  # the search named its own training (or other) data: fine-tuning uses it
             job_spec["roles"] = sources
-        job = submit_job(sf, "qat", job_spec, settings=settings, tenant_id=tenant_id)
-        repo.link_job(sf, search_id, job.id, tenant_id, "qat", i)
-        jobs.append({"point": i, "job_id": job.id})
-    return jobs
+        out.append((i, job_spec))
+    return out
 
 
 def build_spec(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import HTTPException, Request
 
@@ -22,6 +23,20 @@ def check_id(value: str, what: str) -> str:
     if not ID_RE.match(value):
         raise HTTPException(404, f"no {what} {value[:64]!r}")
     return value
+
+
+@contextmanager
+def http_errors() -> Iterator[None]:
+    """The service layer's errors as HTTP errors (their `status`); other `BitsearchError`s stay 422s."""
+    from quant.errors import BitsearchError
+
+    try:
+        yield
+    except BitsearchError as exc:
+        status = getattr(exc, "status", None)
+        if status is None:
+            raise
+        raise HTTPException(status, getattr(exc, "detail", str(exc))) from None
 
 
 def not_found(what: str, value: str) -> HTTPException:

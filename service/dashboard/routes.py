@@ -30,6 +30,7 @@ from service.api.routes import schedules as schedule_routes
 from service.api.routes import searches as search_routes
 from service.api.routes import uploads as upload_routes
 from service.api.routes import zoo as zoo_routes
+from service import searches as search_service
 from service.api.schemas import METRICS, FinetuneRequest, JobOut, ScheduleIn, SearchRequest
 
 from . import data
@@ -404,10 +405,11 @@ def start_search(
     sf: SF,
     settings: SettingsDep,
 ) -> JSONResponse:
-    accepted = search_routes.create_search(
-        body, request, response, viewer.tenant_id, sf, settings, idempotency_key=None
-    )
-    return api_json({**accepted.model_dump(), "page": f"/ui/searches/{accepted.id}"}, 202)
+    with views.http_errors():
+        done = search_service.submit_search(sf, settings, viewer.tenant_id, body)
+    return api_json({"id": done.search_id, "status": done.status, "job_id": done.job_id,
+                     "url": views.url_for(request, "get_search", search_id=done.search_id),
+                     "page": f"/ui/searches/{done.search_id}"}, 202)
 
 
 @router.post("/ui/api/searches/{search_id}/finetune", status_code=202)
@@ -419,8 +421,13 @@ def start_finetune(
     sf: SF,
     settings: SettingsDep,
 ) -> JSONResponse:
-    accepted = search_routes.finetune(search_id, body, request, viewer.tenant_id, sf, settings)
-    return api_json(accepted, 202)
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        jobs = search_service.finetune(sf, settings, viewer.tenant_id, search_id, body.points,
+                                       body.recipe.model_dump(mode="json"))
+    for j in jobs:
+        j["url"] = views.url_for(request, "get_job", job_id=j["job_id"])
+    return api_json({"search_id": search_id, "jobs": jobs}, 202)
 
 
 @router.post("/ui/api/jobs/{job_id}/cancel")
@@ -479,7 +486,10 @@ def delete_dataset(dataset_id: UploadId, viewer: CsrfViewer, sf: SF, settings: S
 
 @router.post("/ui/api/schedules", status_code=201)
 def add_schedule(body: ScheduleIn, viewer: CsrfViewer, sf: SF, settings: SettingsDep) -> JSONResponse:
-    return api_json(schedule_routes.add_schedule(body, viewer.tenant_id, sf, settings), 201)
+    with views.http_errors():
+        sched = search_service.add_schedule(sf, settings, viewer.tenant_id, body.name, body.cron, body.kind, body.spec,
+                                            body.enabled)
+    return api_json(views.schedule_out(repo.get_schedule(sf, viewer.tenant_id, sched.id)), 201)
 
 
 @router.delete("/ui/api/schedules/{schedule_id}", status_code=204)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
 
-from db import jobs as job_repo
 from db import repo
-from db.models import JobStatus, new_id
-from quant.errors import BitsearchError
-from service.jobs.dispatch import queue_for, send, submit_job
-from service.jobs.quotas import check_job_quota
+from service import searches as service
 
 from .. import views
-from ..deps import SF, Limit, Offset, SettingsDep, TenantId, resolve_data, resolve_model
+from ..deps import SF, Limit, Offset, SettingsDep, TenantId
 from ..schemas import (
     FinetuneAccepted,
     FinetuneRequest,
@@ -28,35 +21,9 @@ from ..schemas import (
     SearchRequest,
     SensitivityOut,
 )
-from ..search_job import build_spec, check_spec, submit_finetunes
 
 router = APIRouter(tags=["searches"])
 SearchId = Annotated[str, Path(max_length=64)]
-ORPHAN_AFTER = timedelta(seconds=30)  # a search whose job was never queued (crash in between) gets one
-
-
-def _hash(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def job_spec(sf, settings, tenant: str, body: SearchRequest, search_id: str | None) -> dict:
-    """The checked job spec of a request: uploads resolved to stored files, then refused (422) for anything
-    the worker would refuse later."""
-    model = resolve_model(sf, settings, tenant, body.model)
-    data = resolve_data(sf, settings, tenant, body.data)["data"]
-    roles = {r: resolve_data(sf, settings, tenant, src)["data"] for r, src in body.roles.sources().items()}
-    spec = build_spec(body, model, data, roles, search_id=search_id, tenant_id=tenant)
-    check_spec(spec)
-    return spec
-
-
-def _submit(sf, settings, tenant: str, search_id: str, spec: dict) -> str:
-    try:
-        job = submit_job(sf, "search", spec, settings=settings)
-    except Exception as exc:
-        raise HTTPException(503, f"could not queue the search ({type(exc).__name__}); try again") from None
-    repo.link_job(sf, search_id, job.id, tenant, "search")
-    return job.id
 
 
 @router.post(
@@ -77,53 +44,13 @@ def create_search(
     ] = None,
 ) -> SearchAccepted:
     """Start a search. The same `Idempotency-Key` with the same body gives the same search (no second job)."""
-    req = body.model_dump(mode="json")
-    search_id = new_id()
-    spec = job_spec(sf, settings, tenant, body, search_id)
-    check_job_quota(sf, tenant, "search", spec, settings)
-    queue = queue_for("search", settings)
-    new_job = repo.NewJob("search", spec, queue, settings.max_attempts)
-    try:
-        search, created = repo.create_search(
-            sf,
-            search_id=search_id,
-            tenant_id=tenant,
-            model_ref=body.model,
-            data_ref=body.data,
-            request=req,
-            spec=spec,
-            idempotency_key=idempotency_key,
-            request_hash=_hash(req) if idempotency_key else None,
-            new_job=new_job,
-        )
-    except repo.IdempotencyConflict as exc:
-        raise HTTPException(
-            422,
-            f"the Idempotency-Key was already used for a different request (search "
-            f"{exc.search.id}); use a new key for a new search",
-        ) from None
-    job_id = search.job_id
-    if created:
-        try:
-            send(job_id, queue, settings)  # with a broker; local workers find the committed row themselves
-        except Exception as exc:
-            job_repo.cancel(sf, job_id)  # never sent: no worker will ever take it
-            repo.delete_search_row(sf, tenant, search.id)
-            raise HTTPException(
-                503, f"could not queue the search ({type(exc).__name__}); try again"
-            ) from None
-    else:
+    with views.http_errors():
+        done = service.submit_search(sf, settings, tenant, body, idempotency_key)
+    if not done.created:
         response.headers["Idempotent-Replayed"] = "true"
-        created_at = views._aware(search.created_at)
-        if job_id is None and datetime.now(timezone.utc) - created_at > ORPHAN_AFTER:
-            job_id = _submit(sf, settings, tenant, search.id, search.spec)
-    url = views.url_for(request, "get_search", search_id=search.id)
+    url = views.url_for(request, "get_search", search_id=done.search_id)
     response.headers["Location"] = url
-    status = "queued"
-    if not created:
-        view = repo.get_search(sf, tenant, search.id)
-        status = view.job.status.value if view is not None and view.job is not None else "queued"
-    return SearchAccepted(id=search.id, url=url, status=status, job_id=job_id)
+    return SearchAccepted(id=done.search_id, url=url, status=done.status, job_id=done.job_id)
 
 
 @router.get("/searches", response_model=Page[SearchOut])
@@ -144,22 +71,16 @@ def list_searches(
     return Page(items=[views.search_out(request, v) for v in rows], total=total, limit=limit, offset=offset)
 
 
-def _view(sf, tenant: str, search_id: str) -> repo.SearchView:
+def _view(sf, tenant: str, search_id: str, finetunes: bool = False) -> repo.SearchView:
     views.check_id(search_id, "search")
-    view = repo.get_search(sf, tenant, search_id)
-    if view is None:
-        raise views.not_found("search", search_id)
-    return view
+    with views.http_errors():
+        return service.search_view(sf, tenant, search_id, finetunes)
 
 
 @router.get("/searches/{search_id}", response_model=SearchOut, name="get_search")
 def get_search(search_id: SearchId, request: Request, tenant: TenantId, sf: SF) -> SearchOut:
     """Status, progress, timings and errors of a search (and of its fine-tuning jobs)."""
-    views.check_id(search_id, "search")
-    view = repo.get_search(sf, tenant, search_id, finetunes=True)
-    if view is None:
-        raise views.not_found("search", search_id)
-    return views.search_out(request, view)
+    return views.search_out(request, _view(sf, tenant, search_id, finetunes=True))
 
 
 @router.get("/searches/{search_id}/sensitivity", response_model=SensitivityOut, name="get_sensitivity")
@@ -219,29 +140,9 @@ def finetune(
     settings: SettingsDep,
 ) -> FinetuneAccepted:
     """Quantization-aware fine-tuning (a "qat" job) of chosen points, by default the recommended ones."""
-    view = _view(sf, tenant, search_id)
-    if view.job is None or view.job.status != JobStatus.succeeded:
-        status = view.job.status.value if view.job else "queued"
-        raise HTTPException(
-            409, f"search {search_id} has not succeeded (status: {status}); fine-tune its points once it has"
-        )
-    if body.points is None and not any(p.recommended for p in repo.get_points(sf, tenant, search_id)):
-        raise HTTPException(422, "the search recommended no point; name the points to fine-tune")
-    try:
-        jobs = submit_finetunes(
-            sf,
-            view.search.spec,
-            search_id,
-            tenant,
-            body.points,
-            body.recipe.model_dump(mode="json"),
-            settings,
-            quota=True,
-        )
-    except BitsearchError:
-        raise
-    except Exception as exc:
-        raise HTTPException(503, f"could not queue fine-tuning ({type(exc).__name__}); try again") from None
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        jobs = service.finetune(sf, settings, tenant, search_id, body.points, body.recipe.model_dump(mode="json"))
     for j in jobs:
         j["url"] = views.url_for(request, "get_job", job_id=j["job_id"])
     return FinetuneAccepted(search_id=search_id, jobs=jobs)
@@ -250,8 +151,7 @@ def finetune(
 @router.delete("/searches/{search_id}", status_code=204)
 def delete_search(search_id: SearchId, tenant: TenantId, sf: SF) -> Response:
     """Cancel the search's jobs (search and fine-tuning), then delete it and its results."""
-    _view(sf, tenant, search_id)
-    for job_id in repo.search_job_ids(sf, tenant, search_id):
-        job_repo.cancel(sf, job_id)
-    repo.delete_search_row(sf, tenant, search_id)
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        service.delete_search(sf, tenant, search_id)
     return Response(status_code=204)
