@@ -22,7 +22,7 @@ from numpy.lib import format as npy_format
 
 from quant.errors import BitsearchError
 
-from ..data import _not_npz_hint, check_x_layout, check_y_layout
+from ..data import MAX_CLASSES, _not_npz_hint, check_x_layout, check_y_layout
 
 #: Defaults of the limits (the service reads them from BITSEARCH_MAX_DATASET_ELEMENTS / _ARRAY_BYTES).
 DEFAULT_MAX_ELEMENTS = 1 << 30  # elements over all arrays of one file
@@ -187,9 +187,9 @@ def describe_npz(path: str | Path, limits: NpzLimits | None = None) -> dict[str,
                 lo = int(chunk.min()) if lo is None else min(lo, int(chunk.min()))
                 hi = int(chunk.max()) if hi is None else max(hi, int(chunk.max()))
         if lo is not None and lo < 0:
-            raise BitsearchError(f"y contains negative labels (min {lo}); classes start at 0")
-        if hi is not None and hi > np.iinfo(np.int64).max:
-            raise BitsearchError("y has labels too large for int64")
+            raise BitsearchError(f"y in {p} contains negative labels (min {lo}); classes start at 0")
+        if hi is not None and hi >= MAX_CLASSES:
+            raise BitsearchError(f"y in {p} has a label of {hi}; labels are class indices below {MAX_CLASSES}")
         if hi is not None:
             info["classes"] = hi + 1
     return info
