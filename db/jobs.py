@@ -23,9 +23,11 @@ def submit(
     queue: str = "cpu",
     max_attempts: int = 3,
     schedule_id: str | None = None,
+    tenant_id: str | None = None,
 ) -> Job:
     with sf.begin() as s:
-        job = Job(kind=kind, spec=spec, queue=queue, max_attempts=max_attempts, schedule_id=schedule_id)
+        job = Job(kind=kind, spec=spec, queue=queue, max_attempts=max_attempts, schedule_id=schedule_id,
+                  tenant_id=tenant_id)
         s.add(job)
         s.flush()
         s.refresh(job)
@@ -69,8 +71,8 @@ def requeue_stale(sf: sessionmaker[Session], stale_after: float) -> list[str]:
             if job.cancel_requested:
                 new = dict(status=JobStatus.cancelled, finished_at=utcnow(), message="cancelled (worker lost)")
             elif job.attempts >= job.max_attempts:
-                new = dict(status=JobStatus.failed, finished_at=utcnow(),
-                           error=f"worker lost {job.attempts} time(s); giving up")
+                new = dict(status=JobStatus.failed, finished_at=utcnow(), message="failed",
+                           error=f"worker_lost: worker lost {job.attempts} time(s); giving up")
             else:
                 new = dict(status=JobStatus.queued, worker_id=None, message="worker lost; queued again")
             res = s.execute(
@@ -85,22 +87,34 @@ def requeue_stale(sf: sessionmaker[Session], stale_after: float) -> list[str]:
 
 def claim(sf: sessionmaker[Session], worker_id: str, queues: Iterable[str] | None = None,
           job_id: str | None = None) -> Job | None:
-    """Atomically take the oldest queued job (of `queues`, or the given one) for `worker_id`."""
+    """Atomically take a queued job (of `queues`, or the given one) for `worker_id`.
+
+    Fair between tenants: among the oldest queued jobs, those of the tenant with the fewest running jobs go
+    first (oldest first among equals), so every tenant gets a running job before any tenant gets a second,
+    and one tenant's long queue cannot starve another's."""
     with sf() as s:
-        q = select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.created_at).limit(8)
+        q = select(Job.id, Job.tenant_id).where(Job.status == JobStatus.queued).order_by(Job.created_at)
         if job_id is not None:
             q = q.where(Job.id == job_id)
         elif queues:
             q = q.where(Job.queue.in_(list(queues)))
-        candidates = list(s.scalars(q))
-    for cid in candidates:
+        candidates = list(s.execute(q.limit(64)))
+        running: dict[str | None, int] = {}
+        if len({t for _, t in candidates}) > 1:
+            running = dict(
+                s.execute(
+                    select(Job.tenant_id, func.count()).where(Job.status == JobStatus.running).group_by(Job.tenant_id)
+                ).all()
+            )
+    order = sorted(range(len(candidates)), key=lambda i: (running.get(candidates[i][1], 0), i))
+    for cid in (candidates[i][0] for i in order[:8]):
         with sf.begin() as s:
             now = utcnow()
             res = s.execute(
                 update(Job)
                 .where(Job.id == cid, Job.status == JobStatus.queued)
                 .values(status=JobStatus.running, worker_id=worker_id, attempts=Job.attempts + 1,
-                        heartbeat_at=now, started_at=func.coalesce(Job.started_at, now))
+                        heartbeat_at=now, started_at=func.coalesce(Job.started_at, now), message="started")
             )
             if res.rowcount == 1:
                 job = s.get(Job, cid)
@@ -170,6 +184,58 @@ def finish(sf: sessionmaker[Session], job_id: str, worker_id: str, status: JobSt
             .values(status=status, finished_at=utcnow(), error=error, message=message)
         )
         return res.rowcount == 1
+
+
+def release(sf: sessionmaker[Session], job_id: str, worker_id: str, message: str) -> bool:
+    """Give a running job back to the queue without counting the attempt against it (its worker is
+    stopping, or lost the database): the next worker resumes it from its checkpoint."""
+    with sf.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.running)
+            .values(status=JobStatus.queued, worker_id=None, message=message,
+                    attempts=func.max(Job.attempts - 1, 0) if _is_sqlite(s) else func.greatest(Job.attempts - 1, 0))
+        )
+        return res.rowcount == 1
+
+
+def release_workers(sf: sessionmaker[Session], worker_prefix: str, count_attempt: bool = True) -> list[str]:
+    """Jobs still `running` under a worker that is known dead (ids starting with `worker_prefix`): queue them
+    again at once instead of waiting for their heartbeat to go stale. The attempt counts when the worker
+    died on its own (a job that kills its worker every time must end), not when it was told to stop
+    (`count_attempt=False`). Returns the ids queued again."""
+    out: list[str] = []
+    with sf.begin() as s:
+        rows = list(s.scalars(select(Job).where(
+            Job.status == JobStatus.running, Job.worker_id.startswith(worker_prefix, autoescape=True))))
+        for job in rows:
+            if not count_attempt:
+                new = dict(status=JobStatus.queued, worker_id=None, message="worker stopped; queued again",
+                           attempts=max(0, job.attempts - 1))
+            elif job.attempts >= job.max_attempts:
+                new = dict(status=JobStatus.failed, finished_at=utcnow(), message="failed",
+                           error=f"worker_lost: worker lost {job.attempts} time(s) (it died); giving up")
+            else:
+                new = dict(status=JobStatus.queued, worker_id=None, message="worker lost; queued again")
+            res = s.execute(update(Job).where(Job.id == job.id, Job.worker_id == job.worker_id,
+                                              Job.status == JobStatus.running).values(**new))
+            if res.rowcount and new["status"] == JobStatus.queued:
+                out.append(job.id)
+    return out
+
+
+def _is_sqlite(s: Session) -> bool:
+    return s.get_bind().dialect.name == "sqlite"
+
+
+def tenant_load(sf: sessionmaker[Session], tenant_id: str) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+    """(queued jobs, [(kind, spec)] of queued and running jobs) of one tenant, for its quotas."""
+    with sf() as s:
+        queued = int(s.scalar(select(func.count()).select_from(Job).where(
+            Job.tenant_id == tenant_id, Job.status == JobStatus.queued)) or 0)
+        active = [(k, sp) for k, sp in s.execute(select(Job.kind, Job.spec).where(
+            Job.tenant_id == tenant_id, Job.status.in_([JobStatus.queued, JobStatus.running])))]
+    return queued, active
 
 
 def cancel(sf: sessionmaker[Session], job_id: str) -> Job | None:

@@ -161,7 +161,9 @@ def worker(
         return
     from service.jobs.local import work_loop
 
-    _sf()  # migrate before the first claim
+    from service.jobs.supervise import wait_for_database
+
+    wait_for_database(_sf, settings.db_wait_at_start)  # migrate before the first claim; wait for the database
     n = work_loop(qs, max_jobs=max_jobs, idle_exit=idle_exit)
     console.print(f"worker stopped after {n} job(s)")
 
@@ -267,15 +269,16 @@ def keys_create(
 
 
 def _serve_worker(queues: Optional[list[str]], db_url: Optional[str]) -> None:
-    """A local worker process of `serve` (spawned): polls for jobs of every kind (`service.jobs.kinds`)."""
+    """A local worker process of `serve` (spawned): polls for jobs of every kind (`service.jobs.kinds`), and
+    dies with `serve` (see `service.jobs.local.supervised_worker`)."""
     import logging
 
-    from service.jobs.local import lower_priority, work_loop
+    from service.jobs.local import lower_priority, supervised_worker
     from service.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority(get_settings().worker_nice)
-    work_loop(queues, db_url=db_url)
+    supervised_worker(queues, db_url)
 
 
 def _demo(sf: Any, host: str, port: int) -> None:
@@ -317,6 +320,7 @@ def serve(
     """Run the REST service: uvicorn with the API; without BITSEARCH_BROKER_URL also local job workers and
     the cron scheduler in-process (with a broker, run `bitsearch worker` and celery beat beside it)."""
     import logging
+    import os
 
     import torch
     import uvicorn
@@ -328,36 +332,21 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    sf = _sf()  # migrate before anything else touches the database
+    from service.jobs.supervise import wait_for_database
+
+    # migrate before anything else touches the database; wait for it (with back-off) if it is not up yet
+    sf = wait_for_database(_sf, settings.db_wait_at_start)
     torch.set_num_threads(max(1, settings.api_torch_threads))
     if demo:
         _demo(sf, host, port)
 
-    class _ServicePool(LocalPool):
-        def start(self) -> None:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            for _ in range(self.n):
-                p = ctx.Process(target=_serve_worker, args=(self.queues, self.db_url), daemon=True)
-                p.start()
-                self.procs.append(p)
-
-        def stop(self, timeout: float = 10.0) -> None:
-            # A worker finishes its job after SIGTERM; one still busy after `timeout` is killed, and its job,
-            # no longer heartbeating, is taken up again by the next worker (from its last checkpoint).
-            procs = list(self.procs)
-            super().stop(timeout)
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-
     pool = scheduler = None
     if not settings.broker_url:
         if workers:
-            pool = _ServicePool(workers, db_url=settings.db_url)
+            pool = LocalPool(workers, db_url=settings.db_url, target=_serve_worker)
             pool.start()
+            settings.serve_local_workers = workers  # /readyz then asks whether one of them can run jobs
+            os.environ["BITSEARCH_SERVE_LOCAL_WORKERS"] = str(workers)  # the same for --http-workers N
         scheduler = InProcessScheduler(sf, settings.scheduler_interval)
         scheduler.start()
     import signal
@@ -370,10 +359,14 @@ def serve(
         if http_workers == 1:
             api = create_app(settings, sf)
             api.state.freeze_gc = True  # see served_app
-            uvicorn.run(api, host=host, port=port, access_log=access_log, log_level="info")
+            from service.jobs.supervise import run_uvicorn
+
+            config = uvicorn.Config(api, host=host, port=port, access_log=access_log, log_level="info",
+                                    timeout_graceful_shutdown=2)
+            run_uvicorn(config, pool.begin_stop if pool is not None else None)
         else:  # each process builds its own app from the same BITSEARCH_* environment (migrated above)
             uvicorn.run("service.api.app:served_app", factory=True, workers=http_workers, host=host,
-                        port=port, access_log=access_log, log_level="info")
+                        port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=2)
     finally:
         if scheduler is not None:
             scheduler.stop_event.set()

@@ -13,7 +13,7 @@ from quant import Allocation
 from quant.errors import BitsearchError
 from quant.qat import QATRecipe, finetune
 
-from .jobs.kinds import JobCancelled, JobContext, JobOutput
+from .jobs.kinds import JobCancelled, JobContext, JobInterrupted, JobOutput
 
 SPEC_FIELDS = {"model", "weights", "data", "roles", "calib_data", "allocation", "recipe", "eval_limit", "seed",
                "search_id", "point"}
@@ -45,17 +45,25 @@ def run_finetune(spec: dict[str, Any], ctx: JobContext | None = None,
     loaded, data = load_training_data(spec)
     allocation = Allocation.from_dict(spec["allocation"])
     recipe = QATRecipe.from_dict(spec.get("recipe") or {})
+    from .jobs.quotas import check_qat_total
+
+    check_qat_total(recipe.total_steps(len(data.train)))
     workdir = ctx.workdir if ctx is not None else None
     checkpoint = workdir / "qat-checkpoint.pt" if workdir is not None else None
     resume = checkpoint if checkpoint is not None and checkpoint.exists() else None
     if workdir is not None and not recipe.checkpoint_every:
         recipe.checkpoint_every = 50  # a job must survive its worker: keep the loss of a crash small
 
+    interrupted: list[bool] = []
+
     def on_step(state) -> None:
         msg = f"step {state.step}/{state.total_steps}, loss {state.loss:.4f}"
         if ctx is not None:
             try:
                 ctx.progress(state.progress, msg)
+            except JobInterrupted:  # the worker is stopping: stop here, write the checkpoint, then release
+                state.request_stop()
+                interrupted.append(True)
             except JobCancelled:
                 state.request_stop()
                 raise
@@ -65,6 +73,8 @@ def run_finetune(spec: dict[str, Any], ctx: JobContext | None = None,
     result = finetune(loaded.model, allocation, data.train, recipe, callbacks=on_step,
                       calibration=data.calibration, eval_data=data.report, checkpoint_dir=workdir,
                       resume_from=resume)
+    if interrupted:
+        raise JobInterrupted(ctx.job_id if ctx is not None else "")
     out = result.to_dict()
     out["resumed"] = resume is not None
     out["data"] = data.record

@@ -23,6 +23,7 @@ from db.session import transaction
 from db.tables import Search, StoredDataset, StoredModel
 from quant.errors import BitsearchError
 from service.jobs.dispatch import queue_for, send
+from service.jobs.quotas import check_job_quota
 from service.settings import Settings
 
 ORPHAN_AFTER = timedelta(seconds=30)  # a search whose job was never queued (crash in between) gets one
@@ -152,6 +153,7 @@ def submit_search(sf, settings: Settings, tenant_id: str, body, idempotency_key:
     req = body.model_dump(mode="json")
     search_id = new_id()
     spec = job_spec(sf, settings, tenant_id, body, search_id)
+    check_job_quota(sf, tenant_id, "search", spec, settings)  # bounds, then the tenant's quotas (429)
     queue = queue_for("search", settings)
     try:
         search, created = repo.create_search(
@@ -229,6 +231,7 @@ def finetune(sf, settings: Settings, tenant_id: str, search_id: str, points: lis
     if points is None and not any(p.recommended for p in repo.get_points(sf, tenant_id, search_id)):
         raise BitsearchError("the search recommended no point; name the points to fine-tune")
     specs = finetune_specs(sf, view.search.spec, search_id, tenant_id, points, recipe)
+    check_job_quota(sf, tenant_id, "qat", {"recipe": recipe}, settings, jobs=len(specs))
     ids = queue_jobs(sf, settings, tenant_id, search_id, [("qat", p, spec) for p, spec in specs])
     return [{"point": p, "job_id": j} for (p, _), j in zip(specs, ids)]
 

@@ -33,3 +33,15 @@ def make_sf(url: str | None, tmp_path):
         engine = make_engine(normalise_url(url) + f"{sep}options=-csearch_path%3D{schema}")
     migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+#: A search small enough for tests that run it end to end (digits-mlp, three Pareto points).
+TINY_SEARCH = {
+    "model": "zoo:digits-mlp",
+    "data": "zoo:digits",
+    "budgets": [{"metric": "avg_weight_bits", "value": 4}],
+    "options": {"weight_bits": [2, 4, 8]},
+    "pareto_points": 3,
+    "calib_size": 64,
+    "eval_limit": 200,
+}

@@ -31,7 +31,7 @@ from service.api.app import create_app
 from service.api.auth import create_key, hash_key
 from service.api.search_job import outcome_rows, persist_outcome
 from service.settings import Settings, get_settings
-from tests.helpers import db_urls, make_sf
+from tests.helpers import TINY_SEARCH, db_urls, make_sf
 
 SEARCH = {
     "model": "zoo:digits-mlp",
@@ -641,15 +641,7 @@ def test_end_to_end_with_the_real_pipeline(tmp_path, settings, monkeypatch):
     sf = make_sf("sqlite", tmp_path)
     key, _ = create_key(sf, "e2e")
     h = {"Authorization": f"Bearer {key}"}
-    body = {
-        "model": "zoo:digits-mlp",
-        "data": "zoo:digits",
-        "budgets": [{"metric": "avg_weight_bits", "value": 4}],
-        "options": {"weight_bits": [2, 4, 8]},
-        "pareto_points": 3,
-        "calib_size": 64,
-        "eval_limit": 200,
-    }
+    body = dict(TINY_SEARCH)
     with TestClient(create_app(settings, sf)) as client:
         acc = submit(client, h, body)
         _run_worker_once(sf, monkeypatch, service.pipeline.run_search)

@@ -159,7 +159,7 @@ class DataSplits:
 
 def _read_array(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
     try:
-        return npz[key]
+        arr = npz[key]
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
             raise BitsearchError(
@@ -169,6 +169,9 @@ def _read_array(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
         raise BitsearchError(f"array '{key}' in {path} cannot be read: {exc}") from exc
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
         raise BitsearchError(f"array '{key}' in {path} is corrupt or truncated: {exc}") from exc
+    if not isinstance(arr, np.ndarray):  # numpy returns a member that is not NPY data as raw bytes
+        raise BitsearchError(f"member '{key}' in {path} is not an NPY array; save arrays with numpy.savez")
+    return arr
 
 
 def _not_npz_hint(path: Path) -> str:
@@ -214,21 +217,32 @@ def _images_to_tensor(x: np.ndarray, normalisation: Normalisation | None) -> tor
     return out
 
 
-def _validate_x(x: np.ndarray, path: Path) -> None:
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise BitsearchError(f"x in {path} is empty (shape {x.shape}); it needs at least one item")
-    if math.prod(x.shape[1:]) == 0:
-        raise BitsearchError(f"x in {path} has an empty item shape {x.shape[1:]}")
-    if x.dtype == np.uint8:
-        if x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3, 4)):
+def check_x_layout(shape: tuple[int, ...], dtype: np.dtype, path: Path) -> None:
+    """The shape and dtype rules for `x` (from an array or from its NPY header alone)."""
+    if len(shape) == 0 or shape[0] == 0:
+        raise BitsearchError(f"x in {path} is empty (shape {shape}); it needs at least one item")
+    if math.prod(shape[1:]) == 0:
+        raise BitsearchError(f"x in {path} has an empty item shape {shape[1:]}")
+    if dtype == np.uint8:
+        if len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3, 4)):
             return
         raise BitsearchError(
-            f"x in {path} is uint8 with shape {x.shape}: images must be N×H×W (grayscale) or N×H×W×C with "
+            f"x in {path} is uint8 with shape {shape}: images must be N×H×W (grayscale) or N×H×W×C with "
             "C = 1, 3 or 4 (channels last)"
         )
+    if dtype.kind == "f":
+        if len(shape) < 2:
+            raise BitsearchError(f"x in {path} has shape {shape}: float inputs must be N×F or N×C×H×W")
+        return
+    raise BitsearchError(
+        f"x in {path} has dtype {dtype}; expected uint8 images (N×H×W×C, scaled by 1/255 here) or float "
+        "inputs that are already preprocessed (N×C×H×W or N×F)"
+    )
+
+
+def _validate_x(x: np.ndarray, path: Path) -> None:
+    check_x_layout(x.shape, x.dtype, path)
     if x.dtype.kind == "f":
-        if x.ndim < 2:
-            raise BitsearchError(f"x in {path} has shape {x.shape}: float inputs must be N×F or N×C×H×W")
         finite = np.isfinite(x)
         if not finite.all():
             bad = int(x.size - np.count_nonzero(finite))
@@ -237,22 +251,22 @@ def _validate_x(x: np.ndarray, path: Path) -> None:
                 f"x in {path} contains {bad} NaN or infinite value(s) (first in item {first}); "
                 "clean the data before quantizing"
             )
-        return
-    raise BitsearchError(
-        f"x in {path} has dtype {x.dtype}; expected uint8 images (N×H×W×C, scaled by 1/255 here) or float "
-        "inputs that are already preprocessed (N×C×H×W or N×F)"
-    )
+
+
+def check_y_layout(shape: tuple[int, ...], dtype: np.dtype, n: int, path: Path) -> None:
+    """The shape and dtype rules for `y` (from an array or from its NPY header alone)."""
+    if dtype.kind not in "iu":
+        raise BitsearchError(
+            f"y in {path} has dtype {dtype}; labels must be integer class indices (e.g. y.astype('int64'))"
+        )
+    if len(shape) != 1:
+        raise BitsearchError(f"y in {path} has shape {shape}; labels must be 1-D, one class index per item")
+    if shape[0] != n:
+        raise BitsearchError(f"y in {path} has {shape[0]} labels but x has {n} items; they must match")
 
 
 def _validate_y(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
-    if y.dtype.kind not in "iu":
-        raise BitsearchError(
-            f"y in {path} has dtype {y.dtype}; labels must be integer class indices (e.g. y.astype('int64'))"
-        )
-    if y.ndim != 1:
-        raise BitsearchError(f"y in {path} has shape {y.shape}; labels must be 1-D, one class index per item")
-    if len(y) != n:
-        raise BitsearchError(f"y in {path} has {len(y)} labels but x has {n} items; they must match")
+    check_y_layout(y.shape, y.dtype, n, path)
     if y.dtype.kind == "i" and len(y) and int(y.min()) < 0:
         raise BitsearchError(f"y in {path} contains negative labels (min {int(y.min())}); classes start at 0")
     if len(y) and int(y.max()) >= MAX_CLASSES:

@@ -15,6 +15,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,13 +24,17 @@ from service.settings import Settings, get_settings
 
 from . import auth, search_job  # noqa: F401  (search_job registers the "search" job kind)
 from .routes import health, jobs, schedules, searches, uploads, zoo
+from .errors import (
+    COMMON_RESPONSES,
+    PUBLIC_RESPONSES,
+    BodyLimitMiddleware,
+    error_response,
+    install_error_docs,
+    internal_error,
+)
 from .routes.health import Metrics, MetricsMiddleware
 
 log = logging.getLogger("bitsearch.api")
-
-MAX_JSON_BYTES = 8 * 1024**2
-# Uploads stream to disk under their own size limits (BITSEARCH_MAX_*_BYTES), the dashboard's as the API's.
-UPLOAD_PATHS = frozenset({"/models", "/datasets", "/ui/api/models", "/ui/api/datasets"})
 
 DESCRIPTION = """
 Find per-layer bit-widths for a neural network under hardware budgets.
@@ -41,32 +46,11 @@ Find per-layer bit-widths for a neural network under hardware budgets.
    `GET /searches/{id}/allocations/{point}`; fine-tune chosen points with `POST /searches/{id}/finetune`.
 
 Every call but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <key>`
-(`bitsearch keys create --tenant NAME`). Errors are JSON `{"detail": ...}` with a reason.
+(`bitsearch keys create --tenant NAME`). Errors are JSON `{"detail": ..., "code": ...}`: `detail` a reason
+(or, for a request that fails validation, a list of `{loc, msg, type}`), `code` a stable name for the kind of
+error (`not_found`, `invalid`, `too_large`, `quota_exceeded`, ...). A 500 carries `error_id`, the id under
+which the server logged what went wrong.
 """
-
-
-class BodyLimitMiddleware:
-    """Refuse JSON bodies above MAX_JSON_BYTES by their Content-Length (uploads have their own limits)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
-            path = scope.get("path", "")
-            if path not in UPLOAD_PATHS:
-                for name, value in scope.get("headers") or []:
-                    if name == b"content-length":
-                        try:
-                            too_big = int(value) > MAX_JSON_BYTES
-                        except ValueError:
-                            too_big = False
-                        if too_big:
-                            resp = JSONResponse(
-                                {"detail": f"request body larger than {MAX_JSON_BYTES} bytes"}, 413
-                            )
-                            return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | None = None) -> FastAPI:
@@ -92,48 +76,55 @@ def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | Non
     app.state.sf = sf
     app.state.metrics = Metrics(sf)
     app.state.key_cache = auth.KeyCache(settings.api_key_cache_seconds)
-    for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router, health.router):
-        app.include_router(r)
+    # Every operation documents the error statuses the handlers below really answer, with their body.
+    for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router):
+        app.include_router(r, responses=COMMON_RESPONSES)
+    app.include_router(health.router, responses=PUBLIC_RESPONSES)
     from service.dashboard import router as dashboard_router  # pages under /ui/ (imports these routes)
 
-    app.include_router(dashboard_router)
+    app.include_router(dashboard_router, responses=COMMON_RESPONSES)
+    install_error_docs(app)
 
     @app.exception_handler(BitsearchError)
     async def _user_error(request: Request, exc: BitsearchError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        status = getattr(exc, "http_status", None) or getattr(exc, "status", None) or 422
+        return error_response(status, getattr(exc, "detail", None) or str(exc), getattr(exc, "code", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code < 400:  # redirects (the dashboard's login) keep their headers and no body
+            from starlette.responses import Response
+
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)
     @app.exception_handler(sa_exc.TimeoutError)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return JSONResponse(
-            {"detail": "the database is unavailable; try again shortly"},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+        return error_response(503, "the database is unavailable; try again shortly", headers={"Retry-After": "5"})
 
     @app.exception_handler(sa_exc.DataError)
     @app.exception_handler(sa_exc.StatementError)
     async def _bad_value(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, sa_exc.IntegrityError):
-            return JSONResponse({"detail": "the request conflicts with the stored state; try again"}, 409)
+            return error_response(409, "the request conflicts with the stored state; try again")
         log.info("refused a value the database cannot store: %s", exc)
-        return JSONResponse({"detail": "the request holds a value that cannot be stored or looked up"}, 422)
+        return error_response(422, "the request holds a value that cannot be stored or looked up")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         from fastapi.encoders import jsonable_encoder
 
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        return error_response(422, jsonable_encoder(errors))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+        return internal_error(f"{request.method} {request.url.path}", exc)
 
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

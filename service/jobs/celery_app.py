@@ -46,7 +46,12 @@ def get_celery(broker_url: str) -> Celery:
         job = repo.claim(sf, me, job_id=job_id)
         if job is None:
             return "not claimable (running elsewhere or finished)"
-        return execute(sf, job, me, settings).value
+        status = execute(sf, job, me, settings)
+        if status.value == "queued":  # released (the database was lost meanwhile): send it again
+            from .dispatch import send
+
+            send(job.id, job.queue, settings)
+        return status.value
 
     @app.task(name="bitsearch.fire_schedules")
     def fire_schedules() -> int:

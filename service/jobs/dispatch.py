@@ -17,10 +17,13 @@ log = logging.getLogger("bitsearch.dispatch")
 
 
 def submit_job(sf: sessionmaker[Session], kind: str, spec: dict[str, Any], queue: str | None = None,
-               settings: Settings | None = None, schedule_id: str | None = None) -> Job:
+               settings: Settings | None = None, schedule_id: str | None = None,
+               tenant_id: str | None = None) -> Job:
+    """Store a job (owned by `tenant_id`, whose running jobs fair scheduling counts) and send it. Quotas are
+    checked by the caller that answers a user (`service.jobs.quotas.check_job_quota`)."""
     settings = settings or get_settings()
     queue = queue_for(kind, settings, queue)
-    job = repo.submit(sf, kind, spec, queue, settings.max_attempts, schedule_id)
+    job = repo.submit(sf, kind, spec, queue, settings.max_attempts, schedule_id, tenant_id)
     send(job.id, queue, settings)
     return job
 

@@ -19,6 +19,11 @@ class JobCancelled(Exception):
     """Raised inside a job when its cancellation was requested."""
 
 
+class JobInterrupted(Exception):
+    """Raised inside a job when its worker is stopping: the job is released to the queue (after writing a
+    checkpoint where it keeps one), not failed."""
+
+
 @dataclass
 class JobContext:
     job_id: str

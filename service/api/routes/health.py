@@ -92,7 +92,8 @@ def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"description": "Not ready"}})
 def readyz(sf: SF, settings: SettingsDep) -> JSONResponse:
-    """The database answers (and the broker, when one is configured)."""
+    """The database answers (and the broker, when one is configured; and, under `serve`, at least one of its
+    local workers can run jobs)."""
     checks: dict[str, str] = {}
     ok = True
     try:
@@ -101,6 +102,13 @@ def readyz(sf: SF, settings: SettingsDep) -> JSONResponse:
     except Exception as exc:
         ok = False
         checks["database"] = f"unreachable ({type(exc).__name__})"
+    if settings.serve_local_workers and not settings.broker_url:  # `serve`'s own workers: can one run jobs?
+        from service.jobs.supervise import workers_able_to_run
+
+        able, seen = workers_able_to_run(settings.data_dir.expanduser() / "workers", 10.0)
+        checks["workers"] = f"{able} of {settings.serve_local_workers} can run jobs" + (
+            f" ({seen - able} waiting for the database)" if seen > able else "")
+        ok = ok and able > 0
     if settings.broker_url:
         try:
             from kombu import Connection

@@ -12,6 +12,7 @@ from db import repo
 from db.models import new_id
 from db.tables import StoredDataset, StoredModel
 from quant.errors import BitsearchError
+from service.jobs import quotas
 from zoo import uploads as up
 from zoo.hf_upload import inspect_hf_zip_upload
 
@@ -72,8 +73,11 @@ async def upload_model(request: Request, tenant: TenantId, sf: SF, settings: Set
     """Upload a `torch.export` archive (`.pt2`, any architecture) or safetensors weights for a zoo
     architecture (form field `architecture`). Pickles (`.pt`, `.pth`, `.pkl`) are refused unread."""
     tenant_dir = settings.uploads_dir / tenant
+    stored = await run_in_threadpool(quotas.tenant_upload_bytes, sf, tenant)
+    quotas.check_upload_quota(stored, 1, settings)  # full already: refused before the body is read
     received = await storage.receive_file(request, tenant_dir / ".incoming", settings.max_model_bytes)
     try:
+        quotas.check_upload_quota(stored, received.size, settings)
         fmt = up.sniff_model_format(received.path)
         arch = (received.fields.get("architecture") or "").strip() or None
         if fmt == "pickle":
@@ -142,8 +146,11 @@ async def upload_dataset(request: Request, tenant: TenantId, sf: SF, settings: S
     """Upload an `.npz` with `x` (uint8 images N×H×W[×C], or float N×C×H×W / N×F) and optional integer
     labels `y`; read with `allow_pickle=False`."""
     tenant_dir = settings.uploads_dir / tenant
+    stored = await run_in_threadpool(quotas.tenant_upload_bytes, sf, tenant)
+    quotas.check_upload_quota(stored, 1, settings)  # full already: refused before the body is read
     received = await storage.receive_file(request, tenant_dir / ".incoming", settings.max_dataset_bytes)
     try:
+        quotas.check_upload_quota(stored, received.size, settings)
         if up.sniff_model_format(received.path) == "pickle":
             raise HTTPException(
                 415,
@@ -151,7 +158,7 @@ async def upload_dataset(request: Request, tenant: TenantId, sf: SF, settings: S
                 "arrays with numpy.savez(path, x=..., y=...)",
             )
         with _named_as_sent(received):
-            info = await run_in_threadpool(up.inspect_dataset_upload, received.path)
+            info = await run_in_threadpool(up.inspect_dataset_upload, received.path, None, settings.npz_limits())
         row = _store(sf, settings, received, StoredDataset, tenant, "datasets", "npz", info=info)
     finally:
         received.discard()
@@ -184,7 +191,7 @@ def _named_as_sent(received: storage.Received) -> Iterator[None]:
         message = str(exc)
         for form in {str(received.path), str(received.path.resolve())}:
             message = message.replace(form, repr(received.filename))
-        raise BitsearchError(message) from None
+        raise type(exc)(message) from None  # the same kind of error (its status), the path taken out
 
 
 def _store(sf, settings, received, table, tenant: str, folder: str, ext: str, **fields):
