@@ -234,9 +234,13 @@ def check_x_layout(shape: tuple[int, ...], dtype: np.dtype, path: Path) -> None:
         if len(shape) < 2:
             raise BitsearchError(f"x in {path} has shape {shape}: float inputs must be N×F or N×C×H×W")
         return
+    if dtype.kind in "iu":  # token ids of a language model (zoo.tokens): N×T
+        if len(shape) == 2:
+            return
+        raise BitsearchError(f"x in {path} is integer with shape {shape}: token ids must be N×T")
     raise BitsearchError(
-        f"x in {path} has dtype {dtype}; expected uint8 images (N×H×W×C, scaled by 1/255 here) or float "
-        "inputs that are already preprocessed (N×C×H×W or N×F)"
+        f"x in {path} has dtype {dtype}; expected uint8 images (N×H×W×C, scaled by 1/255 here), integer token "
+        "ids (N×T) or float inputs that are already preprocessed (N×C×H×W or N×F)"
     )
 
 

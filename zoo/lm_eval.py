@@ -103,6 +103,9 @@ def evaluate_tokens(
         token_accuracy=float((pred == y)[valid].double().mean()) * 100.0, tokens=count,
         per_sample_loss=nll.sum(1) / per_row,
     )
+    # Per-sequence values behind the means, for paired comparisons of two models on the same sequences
+    # (search.selection): "ce" = mean NLL of the sequence's target tokens; "kl"/"agree" below.
+    res.per_sample["ce"] = (nll.sum(1) / per_row).double()
     if reference_logits is not None:
         ref = reference_logits.detach().to(torch.float32)
         if ref.shape != logits.shape:
@@ -114,4 +117,6 @@ def evaluate_tokens(
         kl = (log_p.exp() * (log_p - log_q)).sum(1)  # (N, T-1)
         res.kl = max(float(kl[valid].mean()), 0.0)
         res.agreement = float((pred == ref.argmax(1))[valid].double().mean()) * 100.0
+        res.per_sample["kl"] = (kl * valid).sum(1).clamp(min=0.0) / per_row
+        res.per_sample["agree"] = ((pred == ref.argmax(1)) & valid).sum(1).double() / per_row
     return res
