@@ -238,7 +238,7 @@ def _model_for_checks(s: SearchSpec):
 def check_against_model(s: SearchSpec) -> None:
     """Pins and ties must name the model's layers, and data-free calibration needs BatchNorm statistics."""
     o = s.options
-    named = set(o.pins) | {n for g in o.ties for n in g}
+    named = set(o.pins) | {n for g in o.ties or [] for n in g}
     if not named and not s.data_free:
         return
     from bitsearch.pipeline import check_layer_names
