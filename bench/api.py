@@ -79,6 +79,7 @@ SMALL_SEARCH = {
     "model": "zoo:digits-mlp",
     "data": "zoo:digits",
     "options": {"weight_bits": [2, 4, 8]},
+    "sensitivity": {"method": "fisher"},  # the workload the recorded figures ran (the API's default was fisher)
     "budgets": [{"metric": "avg_weight_bits", "value": 4}],
     "pareto_points": 3,
     "eval_limit": 200,

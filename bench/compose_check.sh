@@ -228,7 +228,7 @@ AUTH=(-H "Authorization: Bearer $KEY")
 jget() {  # jget JSON EXPR: evaluate EXPR on the parsed JSON `d`
   python3 -c "import json, sys; d = json.loads(sys.argv[1]); print(eval(sys.argv[2]))" "$1" "$2"
 }
-SMALL_SEARCH='{"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]},
+SMALL_SEARCH='{"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]}, "sensitivity": {"method": "fisher"},
   "budgets": [{"metric": "avg_weight_bits", "value": 4}], "pareto_points": 3, "eval_limit": 200, "calib_size": 64}'
 
 run_search() {  # run_search LABEL: POST the small search, poll it to its end; sets SEARCH_URL, SEARCH_JSON, JOB_ID

@@ -11,13 +11,31 @@
 stay importable on their own; this package is the public façade over them.
 """
 
-from .api import build_spec, finetune, quantize, search, sensitivity
-from .data import ResolvedData, resolve_data, resolve_training_data
-from .registry import quantizers, sensitivity_methods, solvers
-from .result import Recommendation, SearchResult
 from .spec import BudgetIn, DataRoles, MethodSpec, RoleData, SearchOptions, SearchSpec, SolverSpec
 
-from zoo.data import ArrayDataset, as_dataset  # noqa: E402  (re-exported: the one data coercion)
+# The rest loads on first use (PEP 562), so that importing the spec (the REST schema does) pulls in neither
+# the sensitivity methods nor the solvers.
+_LAZY = {
+    "build_spec": "api", "finetune": "api", "quantize": "api", "search": "api", "sensitivity": "api",
+    "ResolvedData": "data", "resolve_data": "data", "resolve_training_data": "data",
+    "quantizers": "registry", "sensitivity_methods": "registry", "solvers": "registry",
+    "Recommendation": "result", "SearchResult": "result",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in ("ArrayDataset", "as_dataset"):  # re-exported: the one data coercion
+        from zoo import data as _data
+
+        return getattr(_data, name)
+    raise AttributeError(f"module 'bitsearch' has no attribute {name!r}")
+
 
 __all__ = [
     "ArrayDataset",

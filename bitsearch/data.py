@@ -81,7 +81,11 @@ def _load(source: Any, role: str, normalisation: Normalisation | None, seed: int
 
 
 def _name(source: Any) -> str:
-    return source if isinstance(source, str) else getattr(source, "name", type(source).__name__)
+    if isinstance(source, str):
+        return source
+    if isinstance(source, (tuple, list)):
+        return "arrays"
+    return getattr(source, "name", type(source).__name__)
 
 
 def resolve_data(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,8 @@ import torch
 from torch import nn
 
 from quant.errors import BitsearchError
-from zoo import LoadedModel, ModelSpec
+from zoo import LoadedModel
 from zoo.data import Normalisation
-
-
-@dataclass(frozen=True)
-class ObjectModelSpec(ModelSpec):
-    """The `ModelSpec` of a model object given from Python; `ref` is a readable name, not a zoo name."""
-
-    label: str = ""
-
-    @property
-    def ref(self) -> str:  # type: ignore[override]
-        return self.label or self.name
 
 
 def _no_builder() -> nn.Module:
@@ -47,9 +35,11 @@ def from_module(module: nn.Module, example_input: torch.Tensor, normalisation: N
     if not torch.is_tensor(out) or out.dim() != 2:
         raise BitsearchError("the model must return one tensor of logits, shape (batch, classes)")
     name = label or f"module:{type(module).__name__}"
-    spec = ObjectModelSpec(name=name, description=f"a {type(module).__name__} given from Python",
-                           input_shape=tuple(example.shape[1:]), num_classes=int(out.shape[1]),
-                           normalisation=normalisation, builder=_no_builder, label=name)
+    from zoo.uploads import UploadedModelSpec  # a ModelSpec whose ref is its own name, not a zoo name
+
+    spec = UploadedModelSpec(name=name, description=f"a {type(module).__name__} given from Python",
+                             input_shape=tuple(example.shape[1:]), num_classes=int(out.shape[1]),
+                             normalisation=normalisation, builder=_no_builder, upload_ref=name)
     return LoadedModel(name, module, example, int(out.shape[1]), normalisation, spec, source="python object")
 
 

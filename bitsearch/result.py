@@ -8,14 +8,13 @@ exactly, with the same mechanism as every other bitsearch file format (tables, f
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from quant.allocation import Allocation
 from quant.errors import BitsearchError
+from quant.jsonfile import JsonFile
 from search.pareto import ParetoFront, ParetoPoint
 from search.budgets import Budget
 from sensitivity.table import SensitivityTable
@@ -65,8 +64,10 @@ class Recommendation:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(JsonFile):
     """Everything one search found; see the module docstring."""
+
+    json_what = "search result"
 
     spec: SearchSpec
     model: str  # the model's reference ("zoo:NAME", a path) or, from Python, "module:ClassName"
@@ -111,18 +112,9 @@ class SearchResult:
             "reference_report": self.reference_report,
         })
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SearchResult":
-        if not isinstance(d, Mapping) or d.get("schema") != RESULT_SCHEMA:
-            raise BitsearchError(f"not a search result (schema must be {RESULT_SCHEMA!r})")
-        if d.get("version") != RESULT_VERSION:
-            raise BitsearchError(f"search result version {d.get('version')!r} is not supported")
+        cls.check_header(d, RESULT_SCHEMA, RESULT_VERSION)
         try:
             front = ParetoFront.from_dict(d["front"])
             points = list(front.points) + list(front.uniform)
@@ -147,17 +139,3 @@ class SearchResult:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BitsearchError(f"malformed search result: {type(exc).__name__}: {exc}") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> "SearchResult":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"the search result is not valid JSON: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SearchResult":
-        p = Path(path)
-        if not p.is_file():
-            raise BitsearchError(f"search result file not found: {p}")
-        return cls.from_json(p.read_text())

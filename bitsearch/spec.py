@@ -282,6 +282,8 @@ class RoleData(Strict):
 
     @model_validator(mode="after")
     def _one(self) -> "RoleData":
+        if self.source == "none":
+            raise ValueError("a data role needs data: 'none' (data-free) is only for 'data'")
         if (self.source is None) == (self.split_of is None):
             raise ValueError("a data role needs exactly one of 'source' and 'split_of'")
         if self.split_of is not None and self.size is None:

@@ -6,12 +6,11 @@ the old form would misread the new one, and `Allocation.from_json` accepts every
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import BitsearchError
+from .jsonfile import JsonFile
 
 SCHEMA_NAME = "bitsearch.allocation"
 SCHEMA_VERSION = 1
@@ -139,8 +138,10 @@ class LayerBits:
 
 
 @dataclass
-class Allocation:
+class Allocation(JsonFile):
     """Per-layer bit options, keyed by the layer names of `quant.layers.discover_layers`."""
+
+    json_what = "allocation"
 
     layers: dict[str, LayerBits]
     model: str | None = None
@@ -183,12 +184,6 @@ class Allocation:
             "metadata": self.metadata,
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Any) -> "Allocation":
         if not isinstance(d, Mapping):
@@ -220,24 +215,3 @@ class Allocation:
             model=model,
             metadata=dict(meta),
         )
-
-    @classmethod
-    def from_json(cls, text: str) -> "Allocation":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"the allocation is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Allocation":
-        p = Path(path)
-        if not p.is_file():
-            raise BitsearchError(f"allocation file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise BitsearchError(f"the allocation file {p} is not UTF-8 JSON text") from None
-        except OSError as exc:
-            raise BitsearchError(f"cannot read the allocation file {p}: {exc.strerror or exc}") from None
-        return cls.from_json(text)

@@ -14,10 +14,8 @@ uniform ones: it is never worse, as measured, than uniform precision at the same
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy as np
 from quant.allocation import Allocation
 from quant.cost import MAX_METRICS
 from quant.errors import BitsearchError
+from quant.jsonfile import JsonFile
 
 from .problem import (
     AllocationProblem,
@@ -92,8 +91,10 @@ class ParetoPoint:
 
 
 @dataclass
-class ParetoFront:
+class ParetoFront(JsonFile):
     """Predicted loss against `metric`: the solver's non-dominated allocations and the uniform baselines."""
+
+    json_what = "Pareto front"
 
     metric: str
     points: list[ParetoPoint]  # kind "mixed", by increasing `metric`, strictly decreasing predicted loss
@@ -126,18 +127,9 @@ class ParetoFront:
             "uniform": [p.to_dict() for p in self.uniform],
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ParetoFront":
-        if not isinstance(d, Mapping) or d.get("schema") != FRONT_SCHEMA:
-            raise BitsearchError(f"not a Pareto front (schema must be {FRONT_SCHEMA!r})")
-        if d.get("version") != FRONT_VERSION:
-            raise BitsearchError(f"Pareto front version {d.get('version')!r} is not supported")
+        cls.check_header(d, FRONT_SCHEMA, FRONT_VERSION)
         return cls(
             metric=canonical_metric(d["metric"]),
             points=[ParetoPoint.from_dict(p) for p in d.get("points", [])],
@@ -150,21 +142,6 @@ class ParetoFront:
             notes=list(d.get("notes") or []),
             reference=d.get("reference"),
         )
-
-    @classmethod
-    def from_json(cls, text: str) -> "ParetoFront":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"the Pareto front is not valid JSON: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ParetoFront":
-        p = Path(path)
-        if not p.is_file():
-            raise BitsearchError(f"Pareto front file not found: {p}")
-        return cls.from_json(p.read_text())
-
 
 # --- the sweep --------------------------------------------------------------------------------------------
 

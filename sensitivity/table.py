@@ -8,16 +8,15 @@ table can be trusted or recomputed.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from quant.allocation import LayerBits
 from quant.errors import BitsearchError
+from quant.jsonfile import JsonFile
 from quant.layers import LayerInfo
 
 TABLE_SCHEMA = "bitsearch.sensitivity"
@@ -39,8 +38,10 @@ def _none_to_nan(rows: Any, shape: tuple[int, int], what: str) -> np.ndarray:
 
 
 @dataclass
-class SensitivityTable:
+class SensitivityTable(JsonFile):
     """values[i, j]: estimated loss increase when layer i alone takes options[j] (others in float)."""
+
+    json_what = "sensitivity table"
 
     method: str
     layers: list[LayerInfo]
@@ -98,18 +99,9 @@ class SensitivityTable:
             "extra": self.extra,
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SensitivityTable":
-        if not isinstance(d, Mapping) or d.get("schema") != TABLE_SCHEMA:
-            raise BitsearchError(f"not a sensitivity table (schema must be {TABLE_SCHEMA!r})")
-        if d.get("version") != TABLE_VERSION:
-            raise BitsearchError(f"sensitivity table version {d.get('version')!r} is not supported")
+        cls.check_header(d, TABLE_SCHEMA, TABLE_VERSION)
         try:
             layers = [LayerInfo.from_dict(l) for l in d["layers"]]
             options = [LayerBits.from_dict(o, where="option") for o in d["options"]]
@@ -130,17 +122,3 @@ class SensitivityTable:
             cost=dict(d.get("cost") or {}),
             extra=dict(d.get("extra") or {}),
         )
-
-    @classmethod
-    def from_json(cls, text: str) -> "SensitivityTable":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"the sensitivity table is not valid JSON: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SensitivityTable":
-        p = Path(path)
-        if not p.is_file():
-            raise BitsearchError(f"sensitivity table not found: {p}")
-        return cls.from_json(p.read_text())

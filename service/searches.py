@@ -40,6 +40,16 @@ class Unavailable(BitsearchError):
     status = 503
 
 
+class InvalidSpec(BitsearchError):
+    """A stored spec that does not validate; `detail` lists the errors as the API reports them."""
+
+    status = 422
+
+    def __init__(self, detail: list[dict[str, Any]]):
+        super().__init__("; ".join(str(e["msg"]) for e in detail))
+        self.detail = detail
+
+
 # --- references to stored files ---------------------------------------------------------------------------
 
 
@@ -95,9 +105,33 @@ def job_spec(sf, settings: Settings, tenant_id: str, body, search_id: str | None
     model = resolve_model(sf, settings, tenant_id, body.model)
     data = resolve_data(sf, settings, tenant_id, body.data)["data"]
     roles = {r: resolve_data(sf, settings, tenant_id, src)["data"] for r, src in body.roles.sources().items()}
+    check_label_range(sf, tenant_id, body.model, [body.data, *body.roles.sources().values()])
     spec = build_spec(body, model, data, roles, search_id=search_id, tenant_id=tenant_id)
     check_spec(spec)
     return spec
+
+
+def check_label_range(sf, tenant_id: str, model_ref: str, data_refs: list[str | None]) -> None:
+    """Uploaded data sets whose labels reach beyond the model's classes are refused before anything runs."""
+    if model_ref.startswith("zoo:"):
+        from zoo.models import get_model_spec
+
+        classes = get_model_spec(model_ref).num_classes
+    else:
+        row = repo.get_upload(sf, StoredModel, tenant_id, model_ref)
+        classes = (row.info or {}).get("num_classes") if row is not None else None
+    if not isinstance(classes, int):
+        return
+    for ref in data_refs:
+        if ref is None or ref == "none" or ref.startswith("zoo:"):
+            continue
+        row = repo.get_upload(sf, StoredDataset, tenant_id, ref)
+        labels = (row.info or {}).get("classes") if row is not None else None
+        if isinstance(labels, int) and labels > classes:
+            raise BitsearchError(
+                f"data set {ref} has labels up to {labels - 1}, but the model has {classes} classes "
+                f"(0..{classes - 1})"
+            )
 
 
 def _hash(body: dict) -> str:
@@ -210,12 +244,44 @@ def delete_search(sf, tenant_id: str, search_id: str) -> None:
 # --- schedules ------------------------------------------------------------------------------------------------
 
 
-def add_schedule(sf, settings: Settings, tenant_id: str, name: str, cron: str, kind: str, spec: dict[str, Any],
+def _validated(model, spec: dict[str, Any]):
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidSpec(
+            [{"loc": ["body", "spec", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        ) from None
+
+
+def schedule_spec(sf, settings: Settings, tenant_id: str, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The job spec a schedule stores: a checked search spec (kind "search", `request` a SearchRequest) or a
+    uniform PTQ (kind "ptq", a PTQRequest)."""
+    from service.api.schemas import PTQRequest, SearchRequest
+
+    if kind == "search":
+        return job_spec(sf, settings, tenant_id, _validated(SearchRequest, request), None)
+    req = _validated(PTQRequest, request)
+    model = resolve_model(sf, settings, tenant_id, req.model)
+    return {
+        "model": model["model"],
+        "weights": model["weights"],
+        "data": resolve_data(sf, settings, tenant_id, req.data)["data"],
+        "bits": req.bits,
+        "calib_size": req.calib_size,
+        "limit": req.eval_limit,
+        "_request": req.model_dump(mode="json"),
+    }
+
+
+def add_schedule(sf, settings: Settings, tenant_id: str, name: str, cron: str, kind: str, request: dict[str, Any],
                  enabled: bool = True) -> Schedule:
     """A schedule with its owner and state, inserted at once (never enabled and owner-less, even briefly)."""
     from service.schedules import check_cron
 
     queue_for(kind, settings)
+    spec = schedule_spec(sf, settings, tenant_id, kind, request)
     if not name.strip():
         raise BitsearchError("a schedule needs a name")
     with transaction(sf, write=True) as s:

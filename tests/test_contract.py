@@ -294,13 +294,21 @@ def test_pins_are_accepted_and_reach_the_worker_in_a_form_it_reads(api):
     assert data_free.status_code == 202, data_free.text  # a model with BatchNorm may go data-free
 
 
-def test_labels_beyond_any_class_are_refused(tmp_path):
+def test_labels_beyond_any_class_are_refused(tmp_path, api):
     from zoo.data import as_dataset, load_npz
 
     path = tmp_path / "big.npz"
     np.savez(path, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 2**40]))
     with pytest.raises(BitsearchError, match="class indices"):
         load_npz(path)
+    client, h, _ = api
+    r = client.post("/datasets", files={"file": ("big.npz", path.read_bytes())}, headers=h)
+    assert r.status_code == 422 and "class indices" in r.text and str(tmp_path) not in r.text
+    np.savez(path, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 11]))  # 12 classes; the model has 10
+    did = client.post("/datasets", files={"file": ("c12.npz", path.read_bytes())}, headers=h).json()["id"]
+    for body in ({"data": did}, {"data": "zoo:digits", "roles": {"report": did}}):
+        r = client.post("/search", json={"model": "zoo:digits-mlp", **body}, headers=h)
+        assert r.status_code == 422 and "labels up to 11" in r.text, r.text
     with pytest.raises(BitsearchError, match="class indices"):
         as_dataset((np.zeros((2, 3), np.float32), np.array([0, 2**40])))
 
@@ -438,3 +446,13 @@ def test_a_schedule_is_stored_with_its_owner_at_once(api):
     with sf() as s:
         (row,) = s.query(Schedule).all()
         assert row.tenant_id is not None and row.enabled is False
+
+
+def test_an_exported_program_is_a_model_too(trained):
+    model, sp = trained
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (sp.test.x[:2],), dynamic_shapes=({0: batch},))
+    r = bitsearch.search(ep, sp.test, method="fisher", pareto=1, measure=False, options={"weight_bits": [4, 8]},
+                         sensitivity={"samples": 16}, calib_size=16)
+    assert r.table.layer_names == ["conv", "fc1", "fc2"] and r.recommendations == [] and r.points
+    assert r.data["calibration"]["size"] == 16 and r.data["selection"]["source"] == sp.test.name

@@ -13,9 +13,8 @@ recommended points are queued for fine-tuning ("qat" jobs) once the search is st
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from bitsearch.result import SearchResult
 from bitsearch.spec import SearchSpec
 from db import repo
 from db.models import new_id
@@ -24,12 +23,17 @@ from service.jobs.kinds import JobCancelled, JobContext, JobOutput
 
 from .schemas import SearchRequest
 
+if TYPE_CHECKING:
+    from bitsearch.result import SearchResult
+
 ProgressFn = Callable[[float, str], None]
 
 
 def outcome_rows(result: SearchResult) -> tuple[dict[str, Any], list[repo.PointRow], dict[str, Any]]:
     """A `SearchResult` as the rows the service stores: the sensitivity table, one row per point (index =
     position in `result.points`: mixed first, then uniform) and the search's summary."""
+    from bitsearch.result import SearchResult
+
     if not isinstance(result, SearchResult):
         raise BitsearchError(f"a search must return a SearchResult, not {type(result).__name__}")
     d = result.to_dict()  # JSON-safe (no NaN): PostgreSQL's JSON refuses it

@@ -36,7 +36,7 @@ def http_errors() -> Iterator[None]:
         status = getattr(exc, "status", None)
         if status is None:
             raise
-        raise HTTPException(status, str(exc)) from None
+        raise HTTPException(status, getattr(exc, "detail", str(exc))) from None
 
 
 def not_found(what: str, value: str) -> HTTPException:

@@ -486,7 +486,10 @@ def delete_dataset(dataset_id: UploadId, viewer: CsrfViewer, sf: SF, settings: S
 
 @router.post("/ui/api/schedules", status_code=201)
 def add_schedule(body: ScheduleIn, viewer: CsrfViewer, sf: SF, settings: SettingsDep) -> JSONResponse:
-    return api_json(schedule_routes.add_schedule(body, viewer.tenant_id, sf, settings), 201)
+    with views.http_errors():
+        sched = search_service.add_schedule(sf, settings, viewer.tenant_id, body.name, body.cron, body.kind, body.spec,
+                                            body.enabled)
+    return api_json(views.schedule_out(repo.get_schedule(sf, viewer.tenant_id, sched.id)), 201)
 
 
 @router.delete("/ui/api/schedules/{schedule_id}", status_code=204)

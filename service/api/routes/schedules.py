@@ -4,50 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response
-from pydantic import ValidationError
+from fastapi import APIRouter, Path, Response
 
 from db import repo
 from service import searches as service
 
 from .. import views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId
-from ..schemas import Page, PTQRequest, ScheduleIn, ScheduleOut, SearchRequest
+from ..schemas import Page, ScheduleIn, ScheduleOut
 
 router = APIRouter(tags=["schedules"])
 ScheduleId = Annotated[str, Path(max_length=64)]
 
 
-def _validated(model, spec: dict):
-    try:
-        return model.model_validate(spec)
-    except ValidationError as exc:
-        errors = [
-            {"loc": ["body", "spec", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
-        raise HTTPException(422, errors) from None
-
-
 @router.post("/schedules", status_code=201, response_model=ScheduleOut)
 def add_schedule(body: ScheduleIn, tenant: TenantId, sf: SF, settings: SettingsDep) -> ScheduleOut:
     """Run a search (`kind: search`, `spec`: a SearchRequest) or a PTQ (`kind: ptq`) at each cron tick."""
-    if body.kind == "search":
-        req = _validated(SearchRequest, body.spec)
-        spec = service.job_spec(sf, settings, tenant, req, None)
-    else:
-        req = _validated(PTQRequest, body.spec)
-        model = service.resolve_model(sf, settings, tenant, req.model)
-        data = service.resolve_data(sf, settings, tenant, req.data)
-        spec = {
-            "model": model["model"],
-            "weights": model["weights"],
-            "data": data["data"],
-            "bits": req.bits,
-            "calib_size": req.calib_size,
-            "limit": req.eval_limit,
-            "_request": req.model_dump(mode="json"),
-        }
-    sched = service.add_schedule(sf, settings, tenant, body.name, body.cron, body.kind, spec, body.enabled)
+    with views.http_errors():
+        sched = service.add_schedule(sf, settings, tenant, body.name, body.cron, body.kind, body.spec, body.enabled)
     return views.schedule_out(repo.get_schedule(sf, tenant, sched.id))
 
 
