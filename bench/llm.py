@@ -97,7 +97,7 @@ def main() -> None:
 
     t = time.perf_counter()
     loaded = load_model(args.model)
-    out["load"] = {"source": loaded.source, "seconds": time.perf_counter() - t}
+    out["load"] = {"source": loaded.source.split(" ")[0], "seconds": time.perf_counter() - t}  # no local paths
     out["provenance"] = provenance(loaded.spec)
     out["step_time"] = {**step_time(loaded.spec), "steps": loaded.spec.trainer.steps}
     model = loaded.model
@@ -261,7 +261,7 @@ def render(o: dict) -> str:
     if h is None:
         return "\n".join(lines) + "\n"
     lines += ["", (
-        f"Hutchinson (default settings: {h['default_probes']} probes) against a {h['reference_probes']}-probe "
+        f"Hutchinson as the Hessian method ran above ({h['default_probes']} probes, tolerance 0.05) against a {h['reference_probes']}-probe "
         "reference (other probe seed) on the same sensitivity data: median relative error of the per-layer "
         f"traces {h['median_rel_error'] * 100:.1f} %, worst {h['max_rel_error'] * 100:.1f} % "
         f"({h['worst_layer']}); the reference's own median relative standard error "

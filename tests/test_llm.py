@@ -336,7 +336,9 @@ def test_cli_search_on_hf_dir_with_token_npz(hf_dir, tmp_path, capsys):
     tokens = result["front"]["reference"]["tokens"]
     assert tokens > 0 and tokens % 11 == 0  # whole sequences of 12 tokens (11 targets), no padding
     rec = next(r for r in result["recommendations"] if r["requested"])
-    assert result["points"][rec["index"]]["metrics"]["avg_weight_bits"] <= 5.0 if "points" in result else True
+    points = result["front"]["points"] + result["front"]["uniform"]
+    assert points[rec["index"]]["metrics"]["avg_weight_bits"] <= 5.0
+    assert result["reference_report"]["perplexity"] > 1.0 and rec["report"]["kl"] >= 0.0
     assert main(["search", "--model", f"hf:{hf_dir}", "--weights", str(data)]) == 2
     assert "carries its own weights" in capsys.readouterr().err
 

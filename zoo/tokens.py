@@ -91,7 +91,10 @@ def token_dataset(ids: np.ndarray | torch.Tensor, attention_mask=None, name: str
 def validate_token_ids(x: np.ndarray, path: Path | str, vocab_size: int | None = None) -> None:
     """Integer ids: 2-D, non-negative, below `vocab_size` when given."""
     if x.ndim != 2:
-        raise BitsearchError(f"token ids x in {path} must be N×T, got shape {x.shape}")
+        raise BitsearchError(
+            f"x in {path} has dtype {x.dtype} and shape {x.shape}: integer x is token ids and must be N×T "
+            "(images are uint8, preprocessed inputs float)"
+        )
     if x.shape[0] == 0 or x.shape[1] < 2:
         raise BitsearchError(f"token ids x in {path} need at least one row of 2 tokens, got shape {x.shape}")
     lo, hi = int(x.min()), int(x.max())
