@@ -295,6 +295,9 @@ def test_tiny_llama_mini_trains_and_searches():
     assert rec.point.metrics["avg_weight_bits"] <= 4.0
     assert rec.point.measured["kl"] >= 0.0 and rec.point.measured["perplexity"] > 1.0
     assert rec.report["perplexity"] > 1.0  # scored again on the held-out report data
+    # a language model is ranked by per-sequence NLL (log-perplexity) in the paired test, not by top-1
+    assert rec.evidence["ranking"] == "loss"
+    assert "token data" in res.costs["refine"]["skipped"]  # said, not silently dropped
 
 
 def test_user_ties_override_the_defaults():

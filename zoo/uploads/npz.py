@@ -178,6 +178,12 @@ def describe_npz(path: str | Path, limits: NpzLimits | None = None) -> dict[str,
     else:
         item_shape = list(x.shape[1:])
     info: dict[str, Any] = {"items": x.shape[0], "item_shape": item_shape, "labels": "y" in headers}
+    if x.dtype.kind in "iu" and x.dtype != np.uint8:  # token ids (zoo.tokens): next tokens are the targets
+        mask = headers.get("attention_mask")
+        if mask is not None and tuple(mask.shape) != tuple(x.shape):
+            raise BitsearchError(f"attention_mask in {p} has shape {tuple(mask.shape)}; x has {tuple(x.shape)}")
+        info.update(labels=True, tokens=True)
+        return info
     y = headers.get("y")
     if y is not None:
         check_y_layout(y.shape, y.dtype, x.shape[0], p)
