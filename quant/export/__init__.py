@@ -1,0 +1,1 @@
+"""Deployable artifacts of a quantized model (one module per target format)."""
