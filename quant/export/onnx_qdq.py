@@ -354,6 +354,14 @@ def _freeze(qmodel: nn.Module, int4: bool) -> tuple[nn.Module, dict[str, _Export
 _OP_RE = re.compile(r"(aten|prim|onnx|quantized)::[A-Za-z0-9_.]+")
 
 
+def _same_op(kind: str, op: str) -> bool:
+    """`aten::special_i0` in a traced graph is `aten::i0` in the exporter's message."""
+    if kind == op:
+        return True
+    k, o = kind.split("::")[-1], op.split("::")[-1]
+    return k.endswith("_" + o) or o.endswith("_" + k)
+
+
 def _scope_of(model: nn.Module, example: tuple, op: str) -> str | None:
     """The module path (`layer1.0.conv2`) where the traced graph runs `op`, or None."""
     try:
@@ -364,14 +372,10 @@ def _scope_of(model: nn.Module, example: tuple, op: str) -> str | None:
     except Exception:
         return None
     for node in graph.nodes():
-        if node.kind() == op:
-            scope = node.scopeName()
-            parts = [p.split("::")[-1] for p in scope.split("/") if p]
-            names = [p.split(".", 1)[1] if "." in p else p for p in parts]
-            path = names[-1] if names else ""
-            # scope names look like __module.layer1/__module.layer1.0: keep the deepest module path
-            path = path.removeprefix("__module.").removeprefix("__module")
-            return path or "<top-level model>"
+        if _same_op(node.kind(), op):
+            # scope names look like "__module.block/__module.block.odd": the last part is the full path
+            last = node.scopeName().split("/")[-1]
+            return last.removeprefix("__module.").removeprefix("__module") or "<top-level model>"
     return None
 
 
@@ -395,6 +399,10 @@ def _export_error(model: nn.Module, example: tuple, exc: Exception) -> Bitsearch
 
 def _torch_export(model: nn.Module, example: tuple, opset: int, dynamic_batch: bool) -> bytes:
     buf = io.BytesIO()
+    try:  # the exporter otherwise prints its whole IR graph on stdout when it fails
+        torch._C._jit_set_onnx_log_enabled(False)
+    except AttributeError:  # pragma: no cover - depends on the torch build
+        pass
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
