@@ -223,3 +223,97 @@ def test_cli_export_and_profile(tmp_path, capsys):
     assert "either --allocation" in capsys.readouterr().err
     assert main(["profile", "--model", "zoo:digits-mlp", "--out", str(table), "--provider", "gpu"]) == 2
     assert "unknown execution provider" in capsys.readouterr().err
+
+
+# --- REST -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.auth import create_key
+    from service.settings import Settings
+    from tests.helpers import make_sf
+
+    sf = make_sf("sqlite", tmp_path)
+    app = create_app(Settings(data_dir=tmp_path / "data"), sf)
+    key_a, _ = create_key(sf, "tenant-a")
+    key_b, _ = create_key(sf, "tenant-b")
+    with TestClient(app) as client:
+        yield client, sf, {"Authorization": f"Bearer {key_a}"}, {"Authorization": f"Bearer {key_b}"}
+
+
+def test_api_exports_a_point_of_a_search_as_onnx(api):
+    import onnx
+
+    from quant.export.onnx_qdq import ort_predict, ort_session
+    from service.api.search_job import persist_outcome
+    from tests.test_api import SEARCH, fake_outcome
+
+    client, sf, a, b = api
+    r = client.post("/search", json=SEARCH, headers=a)
+    assert r.status_code == 202, r.text
+    sid = r.json()["id"]
+    assert client.get(f"/searches/{sid}/allocations/0/onnx", headers=a).status_code == 404  # no results yet
+    persist_outcome(sf, sid, fake_outcome())
+    r = client.get(f"/searches/{sid}/allocations/1/onnx", headers=a)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert "fc1=int" in r.headers["x-bitsearch-containers"]
+    model = onnx.load_from_string(r.content)
+    stored = client.get(f"/searches/{sid}/allocations/1", headers=a).json()
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props if p.key == "bitsearch.allocation"}
+    assert meta["bitsearch.allocation"]["layers"] == stored["layers"]
+    logits = ort_predict(ort_session(model), load_digits_splits().test.x[:8])
+    assert logits.shape == (8, 10)
+    assert client.get(f"/searches/{sid}/allocations/1/onnx", headers=b).status_code == 404  # other tenant
+    assert client.get(f"/searches/{sid}/allocations/99/onnx", headers=a).status_code == 404
+    assert client.get(f"/searches/{sid}/allocations/1/onnx?int4=maybe", headers=a).status_code == 422
+
+
+def test_api_stores_latency_tables_and_a_search_references_one(api):
+    client, sf, a, b = api
+    lm = load_model("zoo:digits-mlp")
+    table = {n: {"fp": 3e-5, "8/8": 2e-5, "4/8": 1.5e-5} for n in _names(lm)}
+    r = client.post("/latency-tables", json={"name": "mlp cpu", "model": "zoo:digits-mlp", "table": table},
+                    headers=a)
+    assert r.status_code == 201, r.text
+    tid = r.json()["id"]
+    assert r.headers["location"].endswith(f"/latency-tables/{tid}") and r.json()["layers"] == len(table)
+    got = client.get(f"/latency-tables/{tid}", headers=a).json()
+    assert got["table"] == table and got["provider"] == "CPUExecutionProvider"
+    assert client.get(f"/latency-tables/{tid}", headers=b).status_code == 404
+    listing = client.get("/latency-tables", headers=a).json()
+    assert listing["total"] == 1 and listing["items"][0]["id"] == tid
+    assert client.get("/latency-tables", headers=b).json()["total"] == 0
+    bad = client.post("/latency-tables", json={"table": {"fc1": {"9/8": 1.0}}}, headers=a)
+    assert bad.status_code == 422 and "'fc1'" in bad.text and "got 9" in bad.text
+    assert client.post("/latency-tables", json={"table": {}}, headers=a).status_code == 422
+
+    body = {**_search_body(), "budgets": [{"metric": "latency", "value": 5e-5}], "latency_table_id": tid}
+    r = client.post("/search", json=body, headers=a)
+    assert r.status_code == 202, r.text
+    from db import repo
+
+    view = repo.get_search(sf, _tenant(sf, a), r.json()["id"])
+    assert view.search.spec["latency_table"] == table
+    r = client.post("/search", json={**body, "latency_table_id": "0" * 32}, headers=a)
+    assert r.status_code == 404
+    r = client.post("/search", json={**body, "latency_table_id": tid}, headers=b)  # not b's table
+    assert r.status_code == 404
+    r = client.post("/search", json={**body, "latency_table": table}, headers=a)
+    assert r.status_code == 422 and "not both" in r.text
+
+
+def _search_body():
+    from tests.test_api import SEARCH
+
+    return dict(SEARCH)
+
+
+def _tenant(sf, headers):
+    from service.api.auth import authenticate
+
+    return authenticate(sf, headers["Authorization"].split()[1])

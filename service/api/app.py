@@ -94,6 +94,9 @@ def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | Non
     app.state.key_cache = auth.KeyCache(settings.api_key_cache_seconds)
     for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router, health.router):
         app.include_router(r)
+    from .routes.export import router as export_router  # ONNX export of points, stored latency tables
+
+    app.include_router(export_router)
     from service.dashboard import router as dashboard_router  # pages under /ui/ (imports these routes)
 
     app.include_router(dashboard_router)

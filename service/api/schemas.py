@@ -261,6 +261,9 @@ class SearchRequest(Strict):
         None,
         description="Seconds per layer (name or shape key) and 'W/A' option; needed by a latency budget.",
     )
+    latency_table_id: str | None = Field(
+        None, max_length=64, description="The id of a stored latency table (POST /latency-tables), instead of latency_table."
+    )
     options: SearchOptions = Field(default_factory=SearchOptions)
     sensitivity: MethodSpec = Field(default_factory=MethodSpec)
     solver: SolverSpec = Field(default_factory=SolverSpec)
@@ -278,8 +281,10 @@ class SearchRequest(Strict):
         metrics = [b.metric for b in self.budgets]
         if len(set(metrics)) != len(metrics):
             raise ValueError("give at most one budget per metric")
-        if "latency" in metrics and not self.latency_table:
-            raise ValueError("a latency budget needs a latency_table")
+        if self.latency_table is not None and self.latency_table_id is not None:
+            raise ValueError("give latency_table or latency_table_id, not both")
+        if "latency" in metrics and not (self.latency_table or self.latency_table_id):
+            raise ValueError("a latency budget needs a latency_table (or a latency_table_id)")
         if self.latency_table is not None:
             _bounded_json(self.latency_table, "latency_table", 4 * 1024**2)
             from quant.cost import LatencyTable

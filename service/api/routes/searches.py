@@ -28,6 +28,7 @@ from ..schemas import (
     SensitivityOut,
 )
 from ..search_job import build_spec, check_spec, submit_finetunes
+from .export import stored_latency_table
 
 router = APIRouter(tags=["searches"])
 SearchId = Annotated[str, Path(max_length=64)]
@@ -66,6 +67,8 @@ def create_search(
 ) -> SearchAccepted:
     """Start a search. The same `Idempotency-Key` with the same body gives the same search (no second job)."""
     req = body.model_dump(mode="json")
+    if body.latency_table_id is not None:  # the stored table is copied into the search
+        req["latency_table"] = stored_latency_table(sf, tenant, body.latency_table_id)
     model = resolve_model(sf, settings, tenant, body.model)
     data = resolve_data(sf, settings, tenant, body.data)
     search_id = new_id()
