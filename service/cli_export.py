@@ -40,6 +40,7 @@ def export_cmd(
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per layer."),
     int4: str = typer.Option("auto", "--int4", help="int4 weight containers: auto (where ONNX Runtime runs them), always, never."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17, or 21 with int4)."),
+    fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into quantized convolutions (integer QLinearConv in ONNX Runtime; weights then equal up to float rounding)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the export in ONNX Runtime against the fake-quant model."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Check on at most this many items."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split (as the search used)."),
@@ -58,7 +59,7 @@ def export_cmd(
     }
     with status("exporting") as s:
         alloc = Allocation.load(allocation) if allocation is not None else str(bits)
-        exported = export_allocation(spec, alloc, int4=int4, opset=opset)
+        exported = export_allocation(spec, alloc, int4=int4, opset=opset, fold_batchnorm=fold_bn)
         out.parent.mkdir(parents=True, exist_ok=True)
         exported.result.save(out)
         fidelity = None

@@ -42,13 +42,14 @@ def export_allocation(
     allocation: Allocation | str,
     int4: str = "auto",
     opset: int | None = None,
+    fold_batchnorm: bool = False,
 ) -> Exported:
     """The QDQ ONNX model of `allocation` (or uniform bits such as "8/8") for the model, data and
     quantization config of a search spec."""
     from quant.export.onnx_qdq import ExportConfig, export_onnx
     from service.pipeline import resolve_inputs
 
-    export_config = ExportConfig(int4=int4, opset=opset)  # validate before loading anything
+    export_config = ExportConfig(int4=int4, opset=opset, fold_batchnorm=fold_batchnorm)  # validate before loading anything
     data = spec.get("data")
     data_free = data == "none"
     inputs = resolve_inputs(

@@ -128,6 +128,30 @@ def test_export_chooses_int4_where_the_runtime_runs_it_else_int8_with_a_note(dig
         assert auto.opset == 17 and any("does not run int4" in n for n in auto.notes)
 
 
+def test_batchnorm_folding_keeps_the_integers_and_the_predictions(digits):
+    from onnx import numpy_helper
+
+    lm = load_model("zoo:digits-cnn")
+    names = _names(lm)
+    alloc = Allocation.uniform(names, "8/8")
+    q = apply_allocation(lm.model, alloc, calibration=digits.calibration.x)
+    plain = export_onnx(q, lm.example_input)
+    folded = export_onnx(q, lm.example_input, config=ExportConfig(fold_batchnorm=True))
+    assert [n.op_type for n in plain.model.graph.node].count("BatchNormalization") == 3
+    assert "BatchNormalization" not in [n.op_type for n in folded.model.graph.node]
+    assert any("folded into 3" in n for n in folded.notes)
+    ints = {t.name: numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    ints_f = {t.name: numpy_helper.to_array(t) for t in folded.model.graph.initializer}
+    for i, bn in enumerate((lm.model.bn1, lm.model.bn2, lm.model.bn3), start=1):
+        f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+        w = f"conv{i}.weight_q"
+        assert np.array_equal(np.abs(ints_f[w]), np.abs(ints[w]))  # same integers (sign follows f)
+        deq, deq_f = dequantized_weights(plain.model)[w], dequantized_weights(folded.model)[w]
+        assert np.allclose(deq_f, deq * f.reshape(-1, 1, 1, 1), rtol=1e-6, atol=1e-7)
+    fid = check_fidelity(q, folded.model, digits.test.x, digits.test.y)
+    assert fid.agreement >= 0.999 and abs(fid.accuracy_torch - fid.accuracy_onnx) <= 0.001
+
+
 class _Odd(nn.Module):
     def forward(self, x):
         return torch.special.i0(x)  # no ONNX form in the TorchScript exporter

@@ -74,6 +74,12 @@ class ExportConfig:
     int4: Literal["auto", "always", "never"] = "auto"
     opset: int | None = None
     dynamic_batch: bool = True
+    #: Fold an inference BatchNorm that follows a quantized Conv into that Conv: the integer weights stay,
+    #: each output channel's scale is multiplied by gamma / sqrt(var + eps) and the shift becomes the bias.
+    #: The dequantized weights are then the fake-quant weights times that factor (equal up to float32
+    #: rounding, no longer bit for bit), and ONNX Runtime can fuse Conv -> ReLU -> QuantizeLinear into an
+    #: integer QLinearConv. Off by default.
+    fold_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.int4 not in ("auto", "always", "never"):
@@ -466,6 +472,81 @@ def _retype(model, names: dict[str, str]) -> None:
         t.CopyFrom(new)
 
 
+def _fold_batchnorm(model) -> int:
+    """Fold `DequantizeLinear(w) -> Conv -> BatchNormalization` (the Conv's only consumer) into the Conv.
+
+    Per output channel c with factor f_c = gamma_c / sqrt(var_c + eps): scale_c' = |scale_c · f_c| and the
+    integers of channel c change sign where f_c < 0 (the symmetric grid is closed under negation); the bias
+    becomes beta_c + (b_c - mean_c) · f_c. Returns how many convolutions were folded.
+    """
+    from onnx import helper, numpy_helper
+
+    _inline_identities(model)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+
+    def arr(name):
+        return numpy_helper.to_array(inits[name])
+
+    def put(name, value):
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    removed, folded = set(), 0
+    for bn in list(g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(consumers.get(conv.output[0], [])) != 1:
+            continue
+        if conv.output[0] in graph_outputs or not all(i in inits for i in bn.input[1:5]):
+            continue
+        dq = producers.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        if not all(i in inits for i in dq.input[:3]) or len(dq.input) < 3:
+            continue
+        scale, zp = arr(dq.input[1]).astype(np.float32), arr(dq.input[2])
+        if scale.ndim != 1 or np.any(zp != 0):
+            continue  # per-tensor scales or asymmetric weights: left unfolded
+        gamma, beta, mean, var = (arr(i).astype(np.float32) for i in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        f = gamma / np.sqrt(var + np.float32(eps))
+        q = arr(dq.input[0])
+        sign = np.where(f < 0, -1, 1).reshape([-1] + [1] * (q.ndim - 1))
+        w_type = inits[dq.input[0]].data_type
+        q_new = (q.astype(np.int32) * sign).astype(np.int8)
+        inits[dq.input[0]].CopyFrom(
+            helper.make_tensor(dq.input[0], w_type, list(q_new.shape), q_new.flatten().tolist())
+        )
+        put(dq.input[1], np.abs(scale * f).astype(np.float32))
+        b = arr(conv.input[2]).astype(np.float32) if len(conv.input) > 2 and conv.input[2] else 0.0
+        bias = (beta + (b - mean) * f).astype(np.float32)
+        bias_name = f"{conv.output[0]}_folded_bias"
+        g.initializer.append(numpy_helper.from_array(bias, bias_name))
+        inits[bias_name] = g.initializer[-1]
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    keep = [n for n in g.node if id(n) not in removed]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    unused = [t for t in g.initializer if t.name not in used]
+    for t in unused:
+        g.initializer.remove(t)
+    return folded
+
+
 def export_onnx(
     qmodel: nn.Module,
     example_input: Any,
@@ -519,6 +600,7 @@ def export_onnx(
     except Exception as exc:
         raise _export_error(frozen, example, exc) from exc
     model = onnx.load_from_string(data)
+    _inline_identities(model)
 
     # Names of the initializers: the buffers keep their module paths (the first path of a shared layer).
     paths = {id(m): p for p, m in frozen.named_modules()}
@@ -532,6 +614,9 @@ def export_onnx(
             retype[f"{p}.input_zero_point"] = e.a_cont
     if retype:
         _retype(model, retype)
+    if config.fold_batchnorm:
+        folded = _fold_batchnorm(model)
+        notes.append(f"BatchNorm folded into {folded} quantized convolution(s)")
 
     alloc = allocation or Allocation({n: q.bits for n, q in qlayers.items()})  # type: ignore[misc]
     infos = [layers[n].info for n in qlayers]

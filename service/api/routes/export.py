@@ -136,6 +136,7 @@ def get_allocation_onnx(
     tenant: TenantId,
     sf: SF,
     int4: Annotated[Literal["auto", "always", "never"], Query(description="int4 weight containers")] = "auto",
+    fold_batchnorm: Annotated[bool, Query(description="Fold BatchNorm into quantized convolutions")] = False,
 ) -> Response:
     """Export one point of a search: the same model, calibration and quantization config the search measured."""
     from quant import Allocation
@@ -149,7 +150,7 @@ def get_allocation_onnx(
     if found is None or found[1] is None:
         raise HTTPException(404, f"search {search_id} has no point {point} with an allocation")
     allocation = Allocation.from_dict(found[1].allocation)
-    exported = export_allocation(dict(view.search.spec), allocation, int4=int4)
+    exported = export_allocation(dict(view.search.spec), allocation, int4=int4, fold_batchnorm=fold_batchnorm)
     containers = ",".join(f"{l.name}={l.weight}/{l.activation}" for l in exported.result.layers)
     return Response(
         content=exported.to_bytes(),
