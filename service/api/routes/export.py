@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,21 +14,11 @@ from quant.errors import BitsearchError
 
 from .. import views
 from ..deps import SF, Limit, Offset, TenantId
-from ..schemas import Page
+from ..schemas import Page, _bounded_json
 
 router = APIRouter(tags=["export"])
 SearchId = Annotated[str, Path(max_length=64)]
 MAX_TABLE_BYTES = 4 * 1024**2
-
-
-def _bounded(v: Any, what: str) -> Any:
-    try:
-        text = json.dumps(v, allow_nan=False)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be plain JSON (no NaN or infinity)") from None
-    if len(text) > MAX_TABLE_BYTES:
-        raise ValueError(f"{what} is too large ({len(text)} bytes; at most {MAX_TABLE_BYTES})")
-    return v
 
 
 class LatencyTableIn(BaseModel):
@@ -49,7 +38,7 @@ class LatencyTableIn(BaseModel):
     def _table(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         from quant.cost import LatencyTable
 
-        _bounded(v, "table")
+        _bounded_json(v, "table", MAX_TABLE_BYTES)
         try:
             LatencyTable.from_dict(v)
         except BitsearchError as exc:
@@ -59,7 +48,7 @@ class LatencyTableIn(BaseModel):
     @field_validator("details")
     @classmethod
     def _details(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if v is None else _bounded(v, "details")
+        return None if v is None else _bounded_json(v, "details", MAX_TABLE_BYTES)
 
 
 class LatencyTableOut(BaseModel):
