@@ -152,6 +152,24 @@ def test_batchnorm_folding_keeps_the_integers_and_the_predictions(digits):
     assert fid.agreement >= 0.999 and abs(fid.accuracy_torch - fid.accuracy_onnx) <= 0.001
 
 
+def test_affine_weights_go_in_unsigned_containers(digits):
+    from quant import QuantConfig
+
+    lm = load_model("zoo:digits-mlp")
+    cfg = QuantConfig(weight_quantizer="int_asym", activation_quantizer="int_sym")
+    q = apply_allocation(lm.model, Allocation.uniform(_names(lm), "8/8"), calibration=digits.calibration.x,
+                         config=cfg)
+    res = export_onnx(q, lm.example_input)
+    assert {l.weight for l in res.layers} == {"uint8"} and {l.activation for l in res.layers} == {"int8"}
+    assert all(l.activation_clipped for l in res.layers)  # int_sym grid [-127, 127] in an int8 container
+    assert check_fidelity(q, res.model, digits.test.x).agreement >= 0.999
+    cfg = QuantConfig(stochastic_rounding=True)
+    q = apply_allocation(lm.model, Allocation.uniform(_names(lm), "8/8"), calibration=digits.calibration.x,
+                         config=cfg)
+    with pytest.raises(BitsearchError, match="deterministic rounding"):
+        export_onnx(q, lm.example_input)
+
+
 class _Odd(nn.Module):
     def forward(self, x):
         return torch.special.i0(x)  # no ONNX form in the TorchScript exporter

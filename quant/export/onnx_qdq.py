@@ -277,7 +277,7 @@ class _ExportLayer(nn.Module):
             self.register_buffer("weight", w.half().float() if wbits == 16 else w.clone())
         else:
             qi, scale, zp, w_grid = _weight_grid(q)
-            w_cont = container_for(max(bits.weight_bits, 1), True, int4)
+            w_cont = container_for(max(bits.weight_bits, 1), w_grid[0] < 0, int4)  # uint for affine weights
             self.register_buffer("weight_q", qi.to(_TORCH_INT[w_cont]))
             self.register_buffer("weight_scale", scale.contiguous())
             self.register_buffer("weight_zero_point", zp.to(_TORCH_INT[w_cont]))
@@ -518,6 +518,8 @@ def _fold_batchnorm(model) -> int:
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         f = gamma / np.sqrt(var + np.float32(eps))
         q = arr(dq.input[0])
+        if inits[dq.input[0]].data_type not in (_ONNX_INT["int8"], _ONNX_INT["int4"]):
+            continue  # an unsigned grid is not closed under negation
         sign = np.where(f < 0, -1, 1).reshape([-1] + [1] * (q.ndim - 1))
         w_type = inits[dq.input[0]].data_type
         q_new = (q.astype(np.int32) * sign).astype(np.int8)
@@ -564,6 +566,8 @@ def export_onnx(
     qlayers = quantized_layers(qmodel)
     if not qlayers:
         raise BitsearchError("the model has no quantized layer: pass the result of apply_allocation")
+    if any(q.config.stochastic_rounding for q in qlayers.values()):
+        raise BitsearchError("export needs deterministic rounding: quantize with stochastic_rounding=False")
     uncalibrated = [n for n, q in qlayers.items() if q.bits is None]
     if uncalibrated:
         raise BitsearchError(f"layer(s) {uncalibrated[:5]} carry no bits: apply an allocation before export")
