@@ -185,7 +185,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--front2", action="store_true",
                     help="Only add the front with avg weight bits <= 8, reusing the layer table of export.json.")
+    ap.add_argument("--resnet-mixed", action="store_true",
+                    help="Only add ResNet-20's fidelity at the fixed mixed pattern to export.json.")
     args = ap.parse_args()
+    if args.resnet_mixed:
+        from _common import RESULTS
+
+        result = json.loads((RESULTS / "export.json").read_text())
+        loaded = load_model("zoo:cifar-resnet20", RESNET20)
+        test = load_npz(CIFAR_TEST, loaded.normalisation)
+        calib = load_npz(CIFAR_TRAIN, loaded.normalisation).take(256, seed=0)
+        names = [l.name for l in discover_layers(loaded.model, calib.x[:2])]
+        rows: list[dict] = []
+        fidelity_rows("cifar-resnet20", loaded.model, calib.x[:2], calib, test,
+                      {"mixed (8/8 ends; 4/8, 6/8, fp, 3/8)": mixed_pattern(names)}, rows)
+        result["fidelity"] += rows[1:]  # the FP32 control row is already there
+        write_result("export.json", json.dumps(result, indent=1) + "\n")
+        write_result("export.md", render(result))
+        return
     if args.front2:
         from _common import RESULTS
 
