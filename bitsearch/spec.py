@@ -434,8 +434,10 @@ class SearchSpec(Strict):
                                                                        "supports_schemes", False))
                 raise ValueError(f"the {self.sensitivity.method!r} sensitivity method prices integer bit-widths "
                                  f"only, not the schemes {self.options.schemes}; use one of {able}")
-        if "latency" in metrics + [self.pareto_metric] and not self.latency_table:
-            raise ValueError("a latency budget needs a latency_table")
+        # (a REST request may name a stored table instead: `latency_table_id`, copied in before it runs)
+        if "latency" in metrics + [self.pareto_metric] and not (
+                self.latency_table or getattr(self, "latency_table_id", None)):
+            raise ValueError("a latency budget needs a latency_table (or, through the API, a latency_table_id)")
         if self.latency_table is not None:
             bounded_json(self.latency_table, "latency_table", 4 * 1024**2)
             from quant.cost import LatencyTable

@@ -377,6 +377,7 @@ def serve(
 # `bitsearch worker` and Celery workers must know the service's "search" job kind too.
 # The search, sensitivity and finetune commands live in their own module; importing it registers them.
 from service import cli_search as _cli_search  # noqa: E402,F401  (registers sensitivity, search, finetune)
+from service import cli_export as _cli_export  # noqa: E402,F401  (registers export, profile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,13 @@ def job_spec(sf, settings: Settings, tenant_id: str, body, search_id: str | None
     anything the worker would refuse later."""
     from service.api.search_job import build_spec, check_spec
 
+    if getattr(body, "latency_table_id", None) is not None:  # a stored table is copied into the search
+        from db import latency as lat_repo
+
+        row = lat_repo.get(sf, tenant_id, body.latency_table_id)
+        if row is None:
+            raise NotFound(f"no latency table {body.latency_table_id!r}")
+        body = body.model_copy(update={"latency_table": row.table, "latency_table_id": None})
     model = resolve_model(sf, settings, tenant_id, body.model)
     data = resolve_data(sf, settings, tenant_id, body.data)["data"]
     roles = {r: resolve_data(sf, settings, tenant_id, src)["data"] for r, src in body.roles.sources().items()}

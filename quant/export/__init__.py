@@ -1,1 +1,1 @@
-"""Exports of a quantized model or an allocation to deployment formats."""
+"""Deployable artifacts of a quantized model or an allocation (one module per target format)."""

@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None, sf: sessionmaker[Session] | Non
     app.state.metrics = Metrics(sf)
     app.state.key_cache = auth.KeyCache(settings.api_key_cache_seconds)
     # Every operation documents the error statuses the handlers below really answer, with their body.
-    for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router):
+    from .routes.export import router as export_router  # ONNX export of points, stored latency tables
+
+    for r in (searches.router, uploads.router, schedules.router, jobs.router, zoo.router, export_router):
         app.include_router(r, responses=COMMON_RESPONSES)
     app.include_router(health.router, responses=PUBLIC_RESPONSES)
     from service.dashboard import router as dashboard_router  # pages under /ui/ (imports these routes)

@@ -79,6 +79,11 @@ class SearchRequest(SearchSpec):
 
     model_config = ConfigDict(json_schema_extra=_drop_server_only)
 
+    latency_table_id: str | None = Field(
+        None, max_length=64,
+        description="The id of a stored latency table (POST /latency-tables), instead of latency_table.",
+    )
+
     qat: QATRecipe | None = Field(None, description="Fine-tune the recommended points with this recipe.")
 
     @model_validator(mode="before")
@@ -89,13 +94,15 @@ class SearchRequest(SearchSpec):
             if given:
                 raise ValueError(f"{given} cannot be given through the API: upload the model (safetensors with "
                                  "its architecture, or a .pt2) and give its id as 'model'")
+            if data.get("latency_table") is not None and data.get("latency_table_id") is not None:
+                raise ValueError("give latency_table or latency_table_id, not both")
             if not data.get("model"):
                 raise ValueError("a search needs a model: 'zoo:NAME' or the id of an uploaded model")
         return data
 
     def spec_part(self) -> dict[str, Any]:
         """The `SearchSpec` fields of this request (what a job stores and a worker runs)."""
-        return self.model_dump(mode="json", exclude={"qat"})
+        return self.model_dump(mode="json", exclude={"qat", "latency_table_id"})
 
 
 class SearchAccepted(BaseModel):
