@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, write_result  # noqa: E402
 
-from quant import Allocation, LayerBits, QuantConfig  # noqa: E402
+from quant import Allocation, QuantConfig  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
 from quant.layers import discover_layers  # noqa: E402
 from quant.qat import QATRecipe, finetune  # noqa: E402
@@ -54,7 +54,7 @@ from search.solvers.bompnas import BompNasConfig, create, front, train_candidate
 from search.solvers.qbitopt import qbitopt_finetune  # noqa: E402
 from search.trials import load_fanout_study, run_trials  # noqa: E402
 from sensitivity import SensitivityOptions, compute_sensitivity  # noqa: E402
-from zoo import evaluate, load_digits_splits, load_model  # noqa: E402
+from zoo import load_digits_splits, load_model  # noqa: E402
 
 T0 = time.perf_counter()
 SPLITS = load_digits_splits(seed=0)

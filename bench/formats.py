@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers  # noqa: E402
 from quant.apply import collect_statistics, set_allocation, wrap_model  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
-from quant.formats import parse_scheme  # noqa: E402
 from quant.layers import LayerInfo  # noqa: E402
 from zoo import evaluate, load_model, load_npz  # noqa: E402
 

@@ -50,7 +50,6 @@ Building blocks, usable on their own (`fisher` shares the plumbing): `gauss_newt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

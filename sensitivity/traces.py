@@ -4,7 +4,6 @@ and Hutchinson's randomised trace, with their convergence rules. See `sensitivit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -9,7 +9,6 @@ from sqlalchemy import select
 
 from db import jobs as repo
 from db.models import Base, Job, JobStatus, Result, ScheduleRun
-from db.session import make_engine, migrate
 from quant.errors import BitsearchError
 from service.jobs.kinds import JobContext, JobOutput, register_kind
 from service.jobs.runner import execute

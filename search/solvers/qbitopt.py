@@ -408,7 +408,6 @@ class QBitOptSettings:
     recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from quant.qat import QATRecipe
 
         if isinstance(self.every_k, bool) or not isinstance(self.every_k, int) or self.every_k < 1:
             raise BitsearchError(f"every_k must be a positive integer, got {self.every_k!r}")

@@ -14,7 +14,9 @@ from quant.errors import BitsearchError
 
 from .. import views
 from ..deps import SF, Limit, Offset, TenantId
-from ..schemas import Page, _bounded_json
+from bitsearch.spec import bounded_json
+
+from ..schemas import Page
 
 router = APIRouter(tags=["export"])
 SearchId = Annotated[str, Path(max_length=64)]
@@ -38,7 +40,7 @@ class LatencyTableIn(BaseModel):
     def _table(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         from quant.cost import LatencyTable
 
-        _bounded_json(v, "table", MAX_TABLE_BYTES)
+        bounded_json(v, "table", MAX_TABLE_BYTES)
         try:
             LatencyTable.from_dict(v)
         except BitsearchError as exc:
@@ -48,7 +50,7 @@ class LatencyTableIn(BaseModel):
     @field_validator("details")
     @classmethod
     def _details(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if v is None else _bounded_json(v, "details", MAX_TABLE_BYTES)
+        return None if v is None else bounded_json(v, "details", MAX_TABLE_BYTES)
 
 
 class LatencyTableOut(BaseModel):
