@@ -21,9 +21,14 @@ X_METRICS: dict[str, tuple[str, float]] = {
     "avg_weight_bits": ("average weight bits", 1.0),
     "bpw": ("bits per weight (with scales)", 1.0),
     "bops": ("BOPs", 1.0),
-    "latency": ("latency (ms)", 1e3),
+    "latency": ("predicted latency (sum of per-layer table) (ms)", 1e3),
+    "latency_measured": ("measured end-to-end latency (ms)", 1e3),
 }
 ACTIVE = ("queued", "running")
+#: Where a point carries a measured end-to-end latency (median seconds of the whole exported model, as
+#: `quant.profile.measure_end_to_end` times it): `point.measured["latency_s"]`. Without it the latency axis
+#: is the table's prediction alone.
+MEASURED_LATENCY = "latency_s"
 
 
 def _finite(v: Any) -> float | None:
@@ -42,8 +47,17 @@ def _point_hover(p: PointOut, accuracy_key: str, kind: str) -> str:
     lines = [f"<b>{escape(p.label)}</b> ({kind}, point {p.index}{', recommended' if p.recommended else ''})"]
     for key in X_METRICS:
         v = _finite(metrics.get(key))
-        if v is not None:
+        if v is not None and key != "latency":
             lines.append(f"{key.replace('_', ' ')}: {format_value(key, v)}")
+    predicted_s, measured_s = _finite(metrics.get("latency")), _finite(measured.get(MEASURED_LATENCY))
+    if predicted_s is not None and measured_s is not None and measured_s > 0:
+        error = 100.0 * (predicted_s - measured_s) / measured_s
+        lines.append(
+            f"latency: predicted {1e3 * predicted_s:.4g} ms (sum of per-layer table), "
+            f"measured {1e3 * measured_s:.4g} ms end to end ({error:+.1f} %)"
+        )
+    elif predicted_s is not None:
+        lines.append(f"predicted latency (sum of per-layer table): {1e3 * predicted_s:.4g} ms")
     if p.predicted is not None:
         lines.append(f"predicted loss increase: {p.predicted:.4g}")
     acc = _accuracy(measured, accuracy_key)
@@ -61,11 +75,69 @@ def _point_hover(p: PointOut, accuracy_key: str, kind: str) -> str:
     return "<br>".join(lines)
 
 
-def _x_values(metrics: dict[str, Any]) -> dict[str, float | None]:
+def _x_values(p: PointOut) -> dict[str, float | None]:
+    metrics = getattr(p, "metrics", None) or {}
+    measured_s = _finite((getattr(p, "measured", None) or {}).get(MEASURED_LATENCY))
     out = {}
     for key, (_, factor) in X_METRICS.items():
-        v = _finite(metrics.get(key))
+        v = measured_s if key == "latency_measured" else _finite(metrics.get(key))
         out[key] = None if v is None else v * factor
+    return out
+
+
+def _error_bar(p: PointOut, accuracy_key: str, accuracy: float | None) -> list[float] | None:
+    """[below, above] the measured accuracy: its interval on the selection data (asymmetric), or None."""
+    lo_hi = ((getattr(p, "intervals", None) or {}).get("selection") or {}).get(accuracy_key)
+    if accuracy is None or not isinstance(lo_hi, (list, tuple)) or len(lo_hi) != 2:
+        return None
+    lo, hi = _finite(lo_hi[0]), _finite(lo_hi[1])
+    if lo is None or hi is None:
+        return None
+    return [max(accuracy - lo, 0.0), max(hi - accuracy, 0.0)]
+
+
+def _test(d: Any) -> dict[str, Any] | None:
+    """A paired test of `search.selection` (contender − baseline) as the details panel shows it."""
+    if not isinstance(d, dict) or _finite(d.get("delta")) is None:
+        return None
+    ci = d.get("ci") or [None, None]
+    return {
+        "delta": float(d["delta"]),
+        "ci": [_finite(ci[0]), _finite(ci[1])] if len(ci) == 2 else [None, None],
+        "n": d.get("n"),
+        "significant": d.get("significant"),
+        "p_value": _finite(d.get("p_value")),
+        "confidence": _finite(d.get("confidence")),
+    }
+
+
+def _evidence(recommendations: Iterable[Any]) -> dict[int, list[dict[str, Any]]]:
+    """Point index -> the evidence of each recommendation that chose it (the stored summary's
+    `recommendations`, whose `evidence` is `search.selection.Evidence.to_dict`)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in recommendations or []:
+        if not isinstance(r, dict) or not isinstance(r.get("index"), int):
+            continue
+        ev = r.get("evidence") or {}
+        budgets = []
+        for b in r.get("budgets") or []:
+            try:
+                budgets.append(f"{b['metric'].replace('_', ' ')} ≤ {format_value(b['metric'], float(b['limit']))}")
+            except (KeyError, TypeError, ValueError):
+                budgets.append(str(b))
+        out.setdefault(r["index"], []).append(
+            {
+                "budgets": budgets,
+                "requested": bool(r.get("requested")),
+                "recommended": ev.get("recommended"),
+                "reason": ev.get("reason"),
+                "ranking": ev.get("ranking"),
+                "baseline": ev.get("baseline"),
+                "contender": (ev.get("contender") or {}).get("label") if isinstance(ev.get("contender"), dict) else None,
+                "selection": _test(ev.get("selection")),
+                "report": _test(ev.get("report")),
+            }
+        )
     return out
 
 
@@ -80,14 +152,19 @@ def front_data(pareto: ParetoOut | None, finetunes: Iterable[tuple[int | None, J
     if everything and all(_accuracy(getattr(p, "measured", None), "top1") is None for p in everything):
         accuracy_key = "agreement"
 
+    evidence = _evidence(pareto.recommendations if pareto else [])
+
     def row(p: PointOut, kind: str) -> dict[str, Any]:
+        accuracy = _accuracy(getattr(p, "measured", None), accuracy_key)
         return {
             "index": p.index,
             "label": p.label,
-            "x": _x_values(getattr(p, "metrics", None) or {}),
+            "x": _x_values(p),
             "predicted": _finite(p.predicted),
-            "accuracy": _accuracy(getattr(p, "measured", None), accuracy_key),
+            "accuracy": accuracy,
+            "error": _error_bar(p, accuracy_key, accuracy),
             "recommended": p.recommended,
+            "evidence": evidence.get(p.index, []),
             "hover": _point_hover(p, accuracy_key, kind),
         }
 
@@ -105,10 +182,12 @@ def front_data(pareto: ParetoOut | None, finetunes: Iterable[tuple[int | None, J
             {
                 "index": p.index,
                 "label": f"QAT of {p.label}",
-                "x": _x_values(getattr(p, "metrics", None) or {}),
+                "x": _x_values(p),
                 "predicted": None,
                 "accuracy": acc,
+                "error": None,
                 "recommended": False,
+                "evidence": [],
                 "job_id": job.id,
                 "hover": "<br>".join(
                     [f"<b>QAT of {escape(p.label)}</b> (point {p.index}, job {job.id[:8]})"]
@@ -118,10 +197,11 @@ def front_data(pareto: ParetoOut | None, finetunes: Iterable[tuple[int | None, J
                 ),
             }
         )
+    xs = [_x_values(p) for p in everything]
     available = [
         {"key": k, "title": title}
         for k, (title, _) in X_METRICS.items()
-        if any(_finite((getattr(p, "metrics", None) or {}).get(k)) is not None for p in everything)
+        if any(x[k] is not None for x in xs)
     ] or [{"key": "avg_weight_bits", "title": X_METRICS["avg_weight_bits"][0]}]
     return {
         "status": pareto.status if pareto else None,

@@ -38,6 +38,8 @@
 
   function series(points, name, kind, yaxis, yOf, marker, mode) {
     const shown = points.filter((p) => p.x[xKey] != null && yOf(p) != null).sort((a, b) => a.x[xKey] - b.x[xKey]);
+    // the measured accuracy's confidence interval on the selection data, as asymmetric error bars
+    const bars = yaxis === "y" && shown.some((p) => p.error);
     return {
       type: "scatter",
       mode,
@@ -54,6 +56,13 @@
         line: { width: shown.map((p) => (p.recommended ? 2 : 0)), color: "#111827" },
       },
       line: { color: marker.color, width: 1.5 },
+      error_y: bars
+        ? {
+            type: "data", symmetric: false, visible: true, thickness: 1.2, width: 3, color: marker.color,
+            array: shown.map((p) => (p.error ? p.error[1] : null)),
+            arrayminus: shown.map((p) => (p.error ? p.error[0] : null)),
+          }
+        : undefined,
       xaxis: "x",
       yaxis,
       meta: kind,
@@ -187,6 +196,45 @@
   }
 
   // Show a point's allocation: `layers` when the page already has it, else fetched.
+  // The recommendation's evidence for the shown point: Δ against the uniform baseline, its interval and n.
+  function describeTest(role, t, unit) {
+    if (!t) return `${role}: no paired test`;
+    const ci = t.ci[0] != null && t.ci[1] != null ? ` [${t.ci[0].toFixed(2)}, ${t.ci[1].toFixed(2)}]` : "";
+    const level = t.confidence != null ? ` (${Math.round(100 * t.confidence)} %)` : "";
+    const verdict = t.significant == null ? "" : t.significant ? ", significant" : ", not significant";
+    return `${role}: Δ ${t.delta >= 0 ? "+" : ""}${t.delta.toFixed(2)}${unit}${ci}${level}, n = ${t.n}${verdict}`;
+  }
+
+  function showEvidence(point) {
+    const box = document.getElementById("alloc-evidence");
+    const items = (point && point.evidence) || [];
+    box.hidden = !items.length;
+    box.dataset.point = point ? String(point.index) : "";
+    box.replaceChildren(
+      ...items.map((e) => {
+        const div = document.createElement("div");
+        div.className = "evidence";
+        const head = document.createElement("p");
+        const who = e.recommended === "mixed" ? "mixed precision" : "uniform";
+        head.textContent = `Recommended (${who}) at ${e.budgets.join(", ") || "the front's budgets"}` +
+          (e.requested ? "" : " (a swept budget)") + (e.reason ? `: ${e.reason}` : "");
+        const list = document.createElement("ul");
+        const unit = e.ranking === "top1" || e.ranking === "agreement" ? " points" : "";
+        const vs = document.createElement("li");
+        vs.textContent = `${e.contender || "mixed"} − ${e.baseline || "uniform"} on ${e.ranking || "the ranking metric"}`;
+        list.append(vs);
+        for (const [role, t] of [["selection", e.selection], ["report", e.report]]) {
+          const li = document.createElement("li");
+          li.className = `evidence-${role}`;
+          li.textContent = describeTest(role, t, unit);
+          list.append(li);
+        }
+        div.append(head, list);
+        return div;
+      }),
+    );
+  }
+
   async function selectPoint(index, layers = null, redrawFront = true) {
     if (!layers) {
       const response = await fetch(`/ui/api/searches/${searchId}/allocations/${index}/layers`, { credentials: "same-origin" });
@@ -197,6 +245,7 @@
     selected = index;
     const point = allPoints().find((p) => p.index === index);
     document.getElementById("alloc-title").textContent = point ? `· ${point.label} (point ${index})` : `· point ${index}`;
+    showEvidence(point);
     document.getElementById("alloc-hint").hidden = true;
     const link = document.getElementById("alloc-download");
     link.href = `/ui/api/searches/${searchId}/allocations/${index}`;
