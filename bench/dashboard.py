@@ -124,14 +124,15 @@ def synthetic_outcome(points: int, layers: int, seed: int = 0):
                         "zoo:cifar-resnet20", table, front, [Recommendation(mixed.index(best), [budget], True, best)])
 
 
-def seed_search(sf, tenant_id: str, outcome, model: str = "zoo:cifar-resnet20") -> str:
-    """A finished search of `tenant_id` holding `outcome`, stored as the service stores a real one."""
+def seed_search(sf, tenant_id: str, outcome, model: str = "zoo:cifar-resnet20", **request_extra) -> str:
+    """A finished search of `tenant_id` holding `outcome`, stored as the service stores a real one
+    (`request_extra`: more fields of its stored request, e.g. the `latency_table` it was given)."""
     from db import jobs as job_repo
     from db import repo
     from db.models import new_id
     from service.api.search_job import persist_outcome
 
-    request = {"model": model, "data": None, "budgets": [{"metric": "avg_weight_bits", "value": 4}]}
+    request = {"model": model, "data": None, "budgets": [{"metric": "avg_weight_bits", "value": 4}], **request_extra}
     search, _ = repo.create_search(
         sf, search_id=new_id(), tenant_id=tenant_id, model_ref=model, data_ref=None, request=request, spec={}
     )

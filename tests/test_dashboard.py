@@ -441,3 +441,79 @@ def test_page_load_of_a_search_with_200_points_and_100_layers(live, browser):
     assert counts == {"mixed": 200, "rows": 100, "bars": 100}
     shot(page, "search-200-points-100-layers")
     context.close()
+
+
+# --- confidence intervals, evidence and the latency axis -----------------------------------------------------
+
+
+def test_error_bars_evidence_and_the_predicted_latency_axis(live, browser):
+    """A finished search with a latency table in its spec, selection intervals on every point, the
+    recommendation's paired evidence, and a measured end-to-end latency on the uniform points only."""
+    from quant.cost import CostModel
+
+    outcome = synthetic_outcome(points=6, layers=4, seed=1)
+    names = [layer.name for layer in outcome.table.layers]
+    table = {n: {"2/8": 1e-4 * (i + 1), "3/8": 1.2e-4 * (i + 1), "4/8": 1.5e-4 * (i + 1), "8/8": 3e-4 * (i + 1)}
+             for i, n in enumerate(names)}
+    cost = CostModel(outcome.table.layers, latency_table=table)
+    for p in outcome.front.points + outcome.front.uniform:
+        p.metrics = {k: v for k, v in cost.cost(p.allocation).metrics().items() if v is not None}
+        top1 = p.measured["top1"]
+        p.intervals = {"selection": {"top1": [top1 - 1.5, top1 + 1.0]}}
+    for p in outcome.front.uniform:
+        p.measured["latency_s"] = 1.1 * p.metrics["latency"]  # as timed end to end by `bitsearch profile`
+    rec = outcome.recommendations[0]
+    rec.evidence = {
+        "recommended": "mixed", "reason": "significant paired gain over W4A8", "ranking": "top1",
+        "baseline": "W4A8", "contender": {"label": rec.point.label},
+        "selection": {"metric": "top1", "n": 500, "delta": 1.25, "ci": [0.5, 2.0], "significant": True,
+                      "confidence": 0.95},
+        "report": {"metric": "top1", "n": 1500, "delta": -0.4, "ci": [-1.1, 0.3], "significant": False,
+                   "confidence": 0.95},
+    }
+    search_id = seed_search(live.sf, live.tenant_a, outcome, latency_table=table)
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log_in(page, live.url, live.key_a)
+    page.goto(f"{live.url}/ui/searches/{search_id}")
+    page.wait_for_selector("body[data-rendered='1']")
+
+    # error bars: the selection interval around each measured accuracy, below 1.5 and above 1.0
+    bars = page.evaluate(
+        "document.getElementById('front-chart').data.filter(t => t.yaxis === 'y' && t.meta !== 'selected')"
+        ".map(t => ({meta: t.meta, n: t.y.length, e: t.error_y || null}))"
+    )
+    for trace in (b for b in bars if b["meta"] in ("mixed", "uniform")):
+        assert trace["e"]["symmetric"] is False and trace["e"]["visible"] is True
+        assert trace["e"]["array"] == pytest.approx([1.0] * trace["n"])
+        assert trace["e"]["arrayminus"] == pytest.approx([1.5] * trace["n"])
+    assert page.locator("#front-chart .errorbar").count() >= 6 + 4  # drawn, one per point
+
+    # the recommended point is shown first, with its evidence on selection and report data
+    evidence = page.locator("#alloc-evidence")
+    assert evidence.is_visible()
+    assert evidence.get_attribute("data-point") == str(rec.index)
+    text = evidence.inner_text()
+    assert "W4A8" in text and "significant paired gain over W4A8" in text
+    assert page.locator("#alloc-evidence .evidence-selection").inner_text() == (
+        "selection: Δ +1.25 points [0.50, 2.00] (95 %), n = 500, significant")
+    assert page.locator("#alloc-evidence .evidence-report").inner_text() == (
+        "report: Δ -0.40 points [-1.10, 0.30] (95 %), n = 1500, not significant")
+
+    # the cost switch offers the table's latency (labelled as a prediction) and the measured one
+    options = page.locator("#x-metric option").all_text_contents()
+    assert "predicted latency (sum of per-layer table) (ms)" in options
+    assert "measured end-to-end latency (ms)" in options
+    page.select_option("#x-metric", "latency")
+    page.locator("#front-chart .g-xtitle", has_text="predicted latency (sum of per-layer table)").wait_for()
+    xs = page.evaluate("document.getElementById('front-chart').data.find(t => t.meta === 'uniform').x")
+    expected = sorted(1e3 * p.metrics["latency"] for p in outcome.front.uniform)
+    assert xs == pytest.approx(expected)
+    shares = page.evaluate("document.getElementById('alloc-chart').data[2]")
+    assert shares["name"] == "share of latency" and sum(shares["y"]) == pytest.approx(100.0)
+    shot(page, "search-latency-predicted")
+    page.select_option("#x-metric", "latency_measured")
+    page.locator("#front-chart .g-xtitle", has_text="measured end-to-end latency").wait_for()
+    uniform = page.evaluate("document.getElementById('front-chart').data.find(t => t.meta === 'uniform').x")
+    assert uniform == pytest.approx([1.1 * x for x in expected])
+    context.close()
