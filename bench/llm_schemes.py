@@ -66,8 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]]),
-                 "threads": torch.get_num_threads()}
+    out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]])}
 
     model = load_model(args.model).model
     cal, selection, report = data_roles(args.calib, args.selection)
@@ -173,7 +172,7 @@ def main() -> None:
 
 
 def render(o: dict) -> str:
-    lines = [f"Command: `{o['command']}`. Machine: {o['machine']} ({o['threads']} threads).", "",
+    lines = [f"Command: `{o['command']}`. Machine: {o['machine']}.", "",
              f"FP32 on the report half ({o['fp32']['tokens']} tokens): perplexity **{o['fp32']['perplexity']:.3f}**.",
              "", "| uniform scheme | bpw | perplexity | KL (nats/token) | top-1 agreement % |", "|---|---:|---:|---:|---:|"]
     for s, m in sorted(o["uniform"].items(), key=lambda kv: kv[1]["bpw"]):
