@@ -73,6 +73,17 @@ def bpw_with_scales(layers, alloc: Allocation) -> float:
     return bits / sum(l.params for l in layers)
 
 
+def data_roles(calib: int, selection: int):
+    """(calibration, selection, report) of `zoo:stdlib-text`, seed 0: `calib` training-module windows; the
+    held-out windows split at random into a selection half (`selection` of them used) and a report half."""
+    splits = stdlib_text_splits(seed=0)
+    order = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(1))
+    half = len(order) // 2
+    sel = splits.test.subset(torch.sort(order[:half]).values).take(selection, seed=0)
+    report = splits.test.subset(torch.sort(order[half:]).values)
+    return splits.calibration.take(calib, seed=0), sel, report
+
+
 def ppl_ci(nll: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
     boots = np.exp(nll[idx].mean(1))
     return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
@@ -101,16 +112,10 @@ def main() -> None:
     out["step_time"] = {**step_time(loaded.spec), "steps": loaded.spec.trainer.steps}
     model = loaded.model
 
-    splits = stdlib_text_splits(seed=0)
-    cal = splits.calibration
-    order = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(1))
-    half = len(order) // 2
-    selection = splits.test.subset(torch.sort(order[:half]).values).take(args.selection, seed=0)
-    report = splits.test.subset(torch.sort(order[half:]).values)
+    cal, selection, report = data_roles(args.calib, args.selection)
     n_rep = len(report)
     boot_idx = np.random.default_rng(0).integers(0, n_rep, size=(BOOT, n_rep))
     config = QuantConfig(weight_clip="mse")
-    cal = cal.take(args.calib, seed=0)
 
     fp = evaluate_tokens(model, report)
     out["fp32"] = {"perplexity": fp.perplexity, "loss": fp.loss, "tokens": fp.tokens,
@@ -212,9 +217,10 @@ def main() -> None:
     print(render(out))
 
 
-def save(out: dict, name: str) -> None:
+def save(out: dict, name: str, render_fn=None) -> None:
+    """bench/results/NAME.json and NAME.md (rendered by `render_fn`, default this bench's `render`)."""
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
-    write_result(f"{name}.md", render(out))
+    write_result(f"{name}.md", (render_fn or render)(out))
 
 
 def render(o: dict) -> str:

@@ -23,7 +23,10 @@ def from_module(module: nn.Module, example_input: torch.Tensor, normalisation: N
                 label: str | None = None) -> LoadedModel:
     if not torch.is_tensor(example_input) or example_input.dim() < 2:
         raise BitsearchError("example_input must be a batch of inputs (a tensor with a leading batch dimension)")
-    example = example_input[:2].detach().float()
+    example = example_input[:2].detach()
+    tokens = not example.is_floating_point() and example.dtype != torch.uint8 and example.dim() == 2
+    if not tokens:  # token ids (a language model's N×T input) stay integers
+        example = example.float()
     module.eval()
     try:
         with torch.no_grad():
@@ -32,8 +35,9 @@ def from_module(module: nn.Module, example_input: torch.Tensor, normalisation: N
         raise BitsearchError(
             f"the model does not run on inputs of shape {tuple(example.shape)}: {type(exc).__name__}: {exc}"
         ) from None
-    if not torch.is_tensor(out) or out.dim() != 2:
-        raise BitsearchError("the model must return one tensor of logits, shape (batch, classes)")
+    if not torch.is_tensor(out) or out.dim() != (3 if tokens else 2):
+        raise BitsearchError("the model must return one tensor of logits, shape (batch, classes), or for token "
+                             "ids (batch, vocab, positions)")
     name = label or f"module:{type(module).__name__}"
     from zoo.uploads import UploadedModelSpec  # a ModelSpec whose ref is its own name, not a zoo name
 

@@ -300,6 +300,28 @@ def test_tiny_llama_mini_trains_and_searches():
     assert "token data" in res.costs["refine"]["skipped"]  # said, not silently dropped
 
 
+def test_language_model_object_searched_with_schemes_and_bpw():
+    """A causal LM given as a Python object with token roles (ids stay integers), weight schemes, a bpw budget."""
+    import bitsearch
+
+    lm = CausalLM(tiny_llama(vocab=32, hidden=32, layers=1))
+    gen = torch.Generator().manual_seed(0)
+    roles = {r: token_dataset(torch.randint(0, 32, (n, 12), generator=gen))
+             for r, n in (("calibration", 8), ("selection", 12), ("report", 12))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bitsearch.search(lm, roles=roles, budgets=["bpw<=3.6"], method="measured", solver="ilp", pareto=2,
+                               options={"weight_bits": [], "schemes": ["int2-g32", "int4-g32", "mxfp4"]},
+                               sensitivity={"method": "measured", "samples": 4})
+    rec = res.recommendation
+    assert rec is not None and rec.requested and rec.point.metrics["bpw"] <= 3.6
+    assert {b.scheme for b in rec.allocation.layers.values()} <= {"int2-g32", "int4-g32", "mxfp4"}
+    assert rec.evidence["ranking"] == "loss" and rec.report["perplexity"] > 1.0
+    with pytest.raises(BitsearchError, match="token ids"):
+        bitsearch.search(lm, roles={r: d.x.float() for r, d in roles.items()}, budgets=["bpw<=3.6"],
+                         method="measured", options={"weight_bits": [], "schemes": ["int4-g32"]})
+
+
 def test_user_ties_override_the_defaults():
     from search import AllocationProblem, Constraints
     from quant.cost import CostModel

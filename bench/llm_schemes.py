@@ -1,0 +1,212 @@
+"""zoo:tiny-llama with weight *schemes*: uniform group-wise INT, MXFP4, NVFP4, FP8 and mixed at bpw budgets.
+
+    python bench/llm_schemes.py [--sens-samples 16] [--selection 128] [--calib 64] [--pareto 4]
+
+Data: the same as `bench/llm.py` (`zoo:stdlib-text`, seed 0): calibration/sensitivity = windows of the training
+modules; the 384 held-out windows (modules never trained on) are split at random into a *selection* half (the
+search measures its candidates and makes its paired choice there) and a *report* half (every figure below).
+Nothing is tuned on the report windows.
+
+* Uniform: every layer (q/k/v/o, gate/up/down, the tied lm_head) in one scheme, round to nearest with MSE
+  clipping, activations float; bpw = the cost model's bits per weight including scales/zero points.
+* Mixed: the product's own path, `bitsearch.search(model, roles=..., method="measured", solver="ilp",
+  budgets=["bpw<=B"], options={"schemes": SCHEMES})`, one search per budget (its selection/report split, its
+  refinement and paired test against the best uniform that fits). Its recommendation is then scored here on
+  the report windows with the same code as the uniform rows, so the per-sequence NLLs are paired.
+* Gap closed at B = (ppl(below) − ppl(rec)) / (ppl(below) − ppl(above)), two ways:
+  - on the uniform front (the headline): "below" = the best uniform scheme that fits (lowest perplexity with
+    bpw ≤ B, what a user would take without mixing), "above" = the cheapest uniform scheme with bpw > B that
+    is better than it;
+  - by bpw alone: "below" = the uniform scheme with the largest bpw ≤ B, "above" = the one with the smallest
+    bpw > B; undefined (n/a) when the scheme above is not better than the one below.
+  "vs best fit" = ppl(rec) − ppl(best uniform that fits); 95 % intervals by a paired bootstrap over report
+  sequences; significantly worse when the whole interval is above 0. Per-sequence NLLs of every row are kept
+  in bench/results/llm_schemes_nll.npz.
+* Multi-budget: bpw ≤ 4.25 and peak activation memory ≤ half that of float activations, activation options
+  A8 and float (A32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bitsearch  # noqa: E402
+from bench._common import RESULTS, machine  # noqa: E402
+from bench.llm import data_roles, save  # noqa: E402
+from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers  # noqa: E402
+from quant.cost import CostModel  # noqa: E402
+from zoo import load_model  # noqa: E402
+from zoo.lm_eval import evaluate_tokens  # noqa: E402
+
+SCHEMES = ("int2-g64", "int2-g128", "int3-g64", "int3-g128", "int4-g64", "int4-g128", "int8-g64", "int8-g128",
+           "mxfp4", "nvfp4", "fp8-e4m3")
+BUDGETS = (3.25, 3.5, 4.25, 4.5)
+BOOT = 2000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="zoo:tiny-llama")
+    ap.add_argument("--sens-samples", type=int, default=16)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--selection", type=int, default=128)
+    ap.add_argument("--pareto", type=int, default=4)
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--no-multi", action="store_true", help="skip the bpw + activation-memory case")
+    ap.add_argument("--out", default="llm_schemes")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]])}
+
+    model = load_model(args.model).model
+    cal, selection, report = data_roles(args.calib, args.selection)
+    n_rep = len(report)
+    boot_idx = np.random.default_rng(0).integers(0, n_rep, size=(BOOT, n_rep))
+    config = QuantConfig(weight_clip="mse")
+    layers = discover_layers(model, cal.x[:2])
+    names = [l.name for l in layers]
+    cost = CostModel(layers)
+
+    fp = evaluate_tokens(model, report)
+    out["fp32"] = {"perplexity": fp.perplexity, "tokens": fp.tokens}
+    print(f"fp32 ppl {fp.perplexity:.3f}", flush=True)
+
+    def measure(alloc: Allocation) -> dict:
+        q = apply_allocation(model, alloc, cal, config)
+        r = evaluate_tokens(q, report, reference_logits=fp.logits)
+        return {"perplexity": r.perplexity, "kl": r.kl, "agreement": r.agreement, "nll": r.per_sample_loss.numpy()}
+
+    def ppl(nll: np.ndarray) -> np.ndarray:
+        return np.exp(nll.mean(-1))
+
+    # --- uniform schemes ------------------------------------------------------------------------------------
+    uniform: dict[str, dict] = {}
+    for s in SCHEMES:
+        m = measure(Allocation.uniform(names, LayerBits.of(s)))
+        m["bpw"] = cost.uniform(LayerBits.of(s)).bpw
+        uniform[s] = m
+        print(f"uniform {s}: bpw {m['bpw']:.4f} ppl {m['perplexity']:.3f} kl {m['kl']:.4f}", flush=True)
+    out["uniform"] = {s: {k: v for k, v in m.items() if k != "nll"} for s, m in uniform.items()}
+    nlls = {"fp32": fp.per_sample_loss.numpy(), **{s: m["nll"] for s, m in uniform.items()}}
+
+    def run(budgets: list[str], activation_bits: list[int]):
+        t, c = time.perf_counter(), time.process_time()
+        r = bitsearch.search(
+            model, roles={"calibration": cal, "selection": selection, "report": report}, budgets=budgets,
+            method="measured", solver="ilp", pareto=args.pareto, seed=0,
+            options={"weight_bits": [], "schemes": list(SCHEMES), "activation_bits": activation_bits},
+            sensitivity={"method": "measured", "samples": args.sens_samples}, quant={"weight_clip": "mse"})
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        rec = r.recommendation
+        alloc = rec.allocation
+        chosen: dict[str, int] = {}
+        for n in names:
+            key = alloc[n].label()
+            chosen[key] = chosen.get(key, 0) + 1
+        ev = rec.evidence or {}
+        search = {"wall_s": wall, "cpu_s": cpu, "timings": r.timings, "sensitivity_passes": r.table.cost.get("passes"),
+                  "costs": r.costs, "kind": ev.get("recommended"), "reason": ev.get("reason"),
+                  "baseline": ev.get("baseline"), "metrics": rec.point.metrics, "chosen": chosen,
+                  "allocation": {n: alloc[n].label() for n in names}}
+        return alloc, search
+
+    out["mixed"] = []
+    for budget in [float(b) for b in args.budgets.split(",") if b]:
+        alloc, search = run([f"bpw<={budget}"], [32])
+        m = measure(alloc)
+        nlls[f"mixed_{budget}"] = m["nll"]
+        fits = {s: u for s, u in uniform.items() if u["bpw"] <= budget + 1e-9}
+        rest = [s for s in uniform if s not in fits]
+        best = min(fits, key=lambda s: fits[s]["perplexity"])
+        better = [s for s in rest if uniform[s]["perplexity"] < uniform[best]["perplexity"]]
+        above = min(better, key=lambda s: (uniform[s]["bpw"], uniform[s]["perplexity"]))
+        lit_below = max(fits, key=lambda s: (fits[s]["bpw"], -fits[s]["perplexity"]))
+        lit_above = min(rest, key=lambda s: (uniform[s]["bpw"], uniform[s]["perplexity"]))
+        rec = m["nll"]
+
+        def gap(below: str, above: str) -> tuple[float, list[float]] | tuple[None, None]:
+            lo, hi = uniform[below]["nll"], uniform[above]["nll"]
+            if ppl(hi) >= ppl(lo):
+                return None, None
+            gb = (ppl(lo[boot_idx]) - ppl(rec[boot_idx])) / (ppl(lo[boot_idx]) - ppl(hi[boot_idx])) * 100
+            return (float((ppl(lo) - ppl(rec)) / (ppl(lo) - ppl(hi)) * 100),
+                    [float(np.percentile(gb, 2.5)), float(np.percentile(gb, 97.5))])
+
+        g, g_ci = gap(best, above)
+        lg, lg_ci = gap(lit_below, lit_above)
+        vs = ppl(rec[boot_idx]) - ppl(uniform[best]["nll"][boot_idx])
+        vs_ci = [float(np.percentile(vs, 2.5)), float(np.percentile(vs, 97.5))]
+        row = {"budget": budget, "perplexity": m["perplexity"], "kl": m["kl"], "agreement": m["agreement"],
+               "below": best, "above": above, "best_fit": best, "gap_closed": g, "gap_ci": g_ci,
+               "bpw_below": lit_below, "bpw_above": lit_above, "bpw_gap_closed": lg, "bpw_gap_ci": lg_ci,
+               "vs_best_fit": float(ppl(rec) - ppl(uniform[best]["nll"])), "vs_best_fit_ci": vs_ci,
+               "significantly_worse": vs_ci[0] > 0, "goal_met": bool(g >= 50), **search}
+        out["mixed"].append(row)
+        print(f"bpw<={budget}: ppl {m['perplexity']:.3f} gap {g:.0f}% ({g_ci[0]:.0f}-{g_ci[1]:.0f}) "
+              f"{search['kind']} {search['chosen']} {search['wall_s']:.0f}s", flush=True)
+        save(out, args.out, render)
+        np.savez(RESULTS / f"{args.out}_nll.npz", **nlls)
+
+    # --- multi-budget: bpw and peak activation memory ---------------------------------------------------------
+    if not args.no_multi:
+        peak32 = cost.uniform(LayerBits.of("int4-g128", 32)).peak_activation_bits
+        peak8 = cost.uniform(LayerBits.of("int4-g128", 8)).peak_activation_bits
+        limit = int(peak32 // 2)
+        alloc, search = run(["bpw<=4.25", f"peak_activation_memory<={limit}"], [8, 32])
+        m = measure(alloc)
+        out["multi"] = {"bpw_limit": 4.25, "peak_limit_bits": limit, "peak_a32_bits": peak32, "peak_a8_bits": peak8,
+                        "perplexity": m["perplexity"], "kl": m["kl"], **search}
+        print("multi", m["perplexity"], search["chosen"], search["metrics"], flush=True)
+    save(out, args.out, render)
+    print(render(out))
+
+
+def render(o: dict) -> str:
+    lines = [f"Command: `{o['command']}`. Machine: {o['machine']}.", "",
+             f"FP32 on the report half ({o['fp32']['tokens']} tokens): perplexity **{o['fp32']['perplexity']:.3f}**.",
+             "", "| uniform scheme | bpw | perplexity | KL (nats/token) | top-1 agreement % |", "|---|---:|---:|---:|---:|"]
+    for s, m in sorted(o["uniform"].items(), key=lambda kv: kv[1]["bpw"]):
+        lines.append(f"| {s} | {m['bpw']:.4f} | {m['perplexity']:.3f} | {m['kl']:.4f} | {m['agreement']:.1f} |")
+    u = o["uniform"]
+    def g(v, ci):
+        return "n/a" if v is None else f"{v:.0f} ({ci[0]:.0f} – {ci[1]:.0f})"
+
+    lines += ["", "| budget bpw | rec. bpw | kind | perplexity | KL | best uniform that fits / next better uniform | "
+              "gap closed % (95 % CI) | goal ≥ 50 % | ppl − ppl(best fit) (95 % CI) | uniform by bpw: below / above | "
+              "gap closed by bpw % | search wall s / CPU s | sensitivity passes |",
+              "|---:|---:|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|"]
+    for r in o.get("mixed", []):
+        lines.append(
+            f"| {r['budget']} | {r['metrics']['bpw']:.3f} | {r['kind']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
+            f"{r['below']} {u[r['below']]['perplexity']:.3f} / {r['above']} {u[r['above']]['perplexity']:.3f} | "
+            f"{g(r['gap_closed'], r['gap_ci'])} | {'met' if r['goal_met'] else 'NOT met'} | {r['vs_best_fit']:+.3f} "
+            f"({r['vs_best_fit_ci'][0]:+.3f} – {r['vs_best_fit_ci'][1]:+.3f}){' worse' if r['significantly_worse'] else ''} | "
+            f"{r['bpw_below']} {u[r['bpw_below']]['perplexity']:.3f} / {r['bpw_above']} "
+            f"{u[r['bpw_above']]['perplexity']:.3f} | {g(r['bpw_gap_closed'], r['bpw_gap_ci'])} | "
+            f"{r['wall_s']:.0f} / {r['cpu_s']:.0f} | {r['sensitivity_passes']} |")
+    lines += ["", "Schemes chosen (layers per option):", ""]
+    for r in o.get("mixed", []):
+        lines.append(f"* bpw ≤ {r['budget']}: {r['chosen']}")
+    mu = o.get("multi")
+    if mu:
+        lines += ["", (f"Multi-budget (bpw ≤ {mu['bpw_limit']}, peak activation memory ≤ {mu['peak_limit_bits']} bits = "
+                       f"half of float activations' {mu['peak_a32_bits']} bits; A8 alone would need {mu['peak_a8_bits']}): "
+                       f"{mu['kind']}, bpw {mu['metrics'].get('bpw', float('nan')):.3f}, peak activation "
+                       f"{mu['metrics'].get('peak_activation_memory', float('nan')):.0f} bits, perplexity "
+                       f"{mu['perplexity']:.3f}, KL {mu['kl']:.4f}; chose {mu['chosen']}; search {mu['wall_s']:.0f} s wall / "
+                       f"{mu['cpu_s']:.0f} CPU s, sensitivity {mu['sensitivity_passes']} passes. Reason: {mu['reason']}")]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
