@@ -148,7 +148,7 @@ def test_python_cli_and_rest_give_the_same_front(trained, tmp_path, monkeypatch)
 def test_the_spec_is_the_one_source_of_defaults():
     import typer
 
-    from service.api.schemas import SERVER_ONLY, SearchRequest
+    from service.api.schemas import REST_ONLY, SERVER_ONLY, SearchRequest
     from service.api.search_job import build_spec, pipeline_spec
     from service.cli import app
 
@@ -176,7 +176,7 @@ def test_the_spec_is_the_one_source_of_defaults():
     rest = SearchRequest(model="zoo:digits-mlp")
     assert rest.spec_part() == SearchSpec(model="zoo:digits-mlp").model_dump(mode="json")
     props = SearchRequest.model_json_schema()["properties"]
-    assert set(props) == set(SearchSpec.model_fields) - set(SERVER_ONLY) | {"qat"}
+    assert set(props) == set(SearchSpec.model_fields) - set(SERVER_ONLY) | set(REST_ONLY)
 
     # the job stores the spec (plus private "_" keys), and the worker reads it back unchanged
     job = build_spec(rest, {"model": "zoo:digits-mlp", "weights": None}, None, search_id="s", tenant_id="t")

@@ -65,6 +65,9 @@ class QATRecipe(BaseModel):
 
 #: SearchSpec fields a REST client may not set: they name files on the server.
 SERVER_ONLY = ("weights",)
+#: Fields of a `SearchRequest` beside its `SearchSpec`: what the service does after the search, and a stored
+#: latency table the service copies into the spec.
+REST_ONLY = ("qat", "latency_table_id")
 
 
 def _drop_server_only(schema: dict[str, Any]) -> None:
@@ -102,7 +105,7 @@ class SearchRequest(SearchSpec):
 
     def spec_part(self) -> dict[str, Any]:
         """The `SearchSpec` fields of this request (what a job stores and a worker runs)."""
-        return self.model_dump(mode="json", exclude={"qat", "latency_table_id"})
+        return self.model_dump(mode="json", exclude=set(REST_ONLY))
 
 
 class SearchAccepted(BaseModel):
