@@ -172,7 +172,7 @@ def test_the_spec_is_the_one_source_of_defaults():
     assert built == SearchSpec(model="zoo:digits-mlp")  # the CLI's defaults are exactly the spec's
 
     # the REST schema is the spec plus the job's metadata, with the same defaults
-    assert set(SearchRequest.model_fields) == set(SearchSpec.model_fields) | {"qat"}
+    assert set(SearchRequest.model_fields) == set(SearchSpec.model_fields) | set(REST_ONLY)
     rest = SearchRequest(model="zoo:digits-mlp")
     assert rest.spec_part() == SearchSpec(model="zoo:digits-mlp").model_dump(mode="json")
     props = SearchRequest.model_json_schema()["properties"]
