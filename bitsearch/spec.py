@@ -344,6 +344,33 @@ class DataRoles(Strict):
 # --- the spec ------------------------------------------------------------------------------------------------
 
 
+class LatencyMeasurement(Strict):
+    """End-to-end latency of every front point, exported as ONNX QDQ and timed in ONNX Runtime (off by default)."""
+
+    enabled: bool = Field(False, description="Time each point of the measured front in ONNX Runtime.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Batch the model is timed on.")
+    warmup: int = Field(5, ge=0, le=1000, description="Untimed runs before the timed ones.")
+    repeats: int = Field(20, ge=1, le=10_000, description="Timed runs; the median and the quartiles are kept.")
+    provider: str = Field("CPUExecutionProvider", min_length=1, max_length=80,
+                          description="ONNX Runtime execution provider (CPU, CUDA, TensorRT...).")
+    threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads (default: the runtime's).")
+
+    @model_validator(mode="after")
+    def _runtime(self) -> "LatencyMeasurement":
+        if not self.enabled:
+            return self
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError("measuring latency needs 'onnx' and 'onnxruntime': pip install 'bitsearch[export]'"
+                             ) from None
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise ValueError(f"execution provider {self.provider!r} is not available here; available: {available}")
+        return self
+
+
 class SearchSpec(Strict):
     """One search request. Every default of a search is here and nowhere else."""
 
@@ -377,6 +404,10 @@ class SearchSpec(Strict):
         None, max_length=40, description="Cost axis of the sweep; default: the first budget's metric."
     )
     measure: bool = Field(True, description="Measure every point of the front (else: predicted only).")
+    measure_latency: LatencyMeasurement = Field(
+        default_factory=LatencyMeasurement,
+        description="Also time every measured front point end to end in ONNX Runtime (point.measured.latency_s).",
+    )
     quant: dict[str, Any] = Field(
         default_factory=dict, description="QuantConfig fields (clipping, granularity...)."
     )

@@ -255,3 +255,47 @@ def measure_allocations(
         }
     result.end_to_end.update(out)
     return out
+
+
+def measure_front_latency(
+    points: Sequence[Any],
+    model: nn.Module,
+    example_input: Any,
+    calibration: Any,
+    config: QuantConfig | None = None,
+    batch_size: int = 1,
+    provider: str = "CPUExecutionProvider",
+    warmup: int = 5,
+    repeats: int = 20,
+    threads: int | None = None,
+    export_config: ExportConfig | None = None,
+) -> list[Timing]:
+    """Measured end-to-end latency in ONNX Runtime of each front point (mixed and uniform alike).
+
+    Each point's allocation is applied with the same calibration and `QuantConfig` as the fake-quant
+    measurement, exported as a QDQ graph and timed on a random batch of `batch_size`. The median goes to
+    `point.measured["latency_s"]` (the dashboard's measured latency axis), the quartiles and the relative
+    interquartile spread beside it. An all-float allocation is timed as the plain FP32 export.
+    """
+    _check_counts(batch_size, warmup, repeats)
+    example = example_input[0] if isinstance(example_input, tuple) else example_input
+    if not isinstance(example, torch.Tensor) or example.dim() < 1:
+        raise BitsearchError("end-to-end latency needs one example input tensor with a batch axis")
+    shape = tuple(example.shape[1:])
+    cache: dict[str, Timing] = {}
+    out: list[Timing] = []
+    for p in points:
+        alloc = p.allocation
+        key = repr(sorted((n, repr(b)) for n, b in alloc.layers.items()))
+        if key not in cache:
+            if all(b.weight_bits == 32 and b.activation_bits == 32 for b in alloc.layers.values()):
+                onnx_model = export_float(model, example_input)
+            else:
+                q = apply_allocation(model, alloc, calibration=calibration, config=config)
+                onnx_model = export_onnx(q, example_input, allocation=alloc, config=export_config).model
+            cache[key] = measure_model(onnx_model, shape, batch_size, provider, warmup, repeats, threads)
+        t = cache[key]
+        p.measured.update({"latency_s": t.median_s, "latency_p25_s": t.p25_s, "latency_p75_s": t.p75_s,
+                           "latency_spread": t.spread})
+        out.append(t)
+    return out

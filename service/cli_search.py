@@ -169,6 +169,14 @@ def search(
     no_refine: bool = typer.Option(not SPEC["refine"], "--no-refine", help="Skip the measured refinement at the budgets."),
     confidence: float = typer.Option(SPEC["confidence"], "--confidence", min=0.5, max=0.999,
                                      help="Confidence level of the paired test mixed vs uniform, and of the intervals."),
+    measure_latency: bool = typer.Option(SPEC["measure_latency.enabled"], "--measure-latency/--no-measure-latency",
+                                         help="Time every measured front point end to end in ONNX Runtime."),
+    latency_batch: int = typer.Option(SPEC["measure_latency.batch_size"], "--latency-batch", min=1,
+                                      help="Batch size of the end-to-end timing."),
+    latency_repeats: int = typer.Option(SPEC["measure_latency.repeats"], "--latency-repeats", min=1,
+                                        help="Timed runs per point (median and quartiles kept)."),
+    latency_provider: str = typer.Option(SPEC["measure_latency.provider"], "--latency-provider",
+                                         help="ONNX Runtime execution provider of the timing."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the whole result (SearchResult JSON)."),
     allocation_out: Optional[Path] = typer.Option(None, "--allocation", help="Write the recommended allocation."),
 ) -> None:
@@ -179,7 +187,10 @@ def search(
     spec = search_spec_from_flags(model, weights, data, calib_data, budget, method, method_param, solver,
                                   solver_param, pareto, metric, weight_bits, activation_bits, keep_first_last, clip,
                                   samples, calib_size, limit, no_measure, seed, selection_data, report_data, schemes)
-    spec = SearchSpec.parse({**spec.model_dump(), "refine": not no_refine, "confidence": confidence})
+    spec = SearchSpec.parse({**spec.model_dump(), "refine": not no_refine, "confidence": confidence,
+                             "measure_latency": {**spec.measure_latency.model_dump(), "enabled": measure_latency,
+                                                 "batch_size": latency_batch, "repeats": latency_repeats,
+                                                 "provider": latency_provider}})
     with status("searching") as s:
         result = run_search(spec, lambda f, m: s.update(f"{m} ({f * 100:.0f} %)"))
     for note in result.notes:
@@ -231,6 +242,13 @@ def search(
             console.print(f"wrote {allocation_out}")
     elif allocation_out is not None:
         raise BitsearchError("--allocation needs a measured front (drop --no-measure and give data)")
+    timed = [(i, p) for i, p in enumerate(list(front.points) + list(front.uniform)) if "latency_s" in p.measured]
+    if timed:
+        console.print(f"end-to-end latency in ONNX Runtime ({spec.measure_latency.provider}, batch "
+                      f"{spec.measure_latency.batch_size}, median [p25, p75]): " + "; ".join(
+                          f"#{i} {p.label or p.kind} {p.measured['latency_s'] * 1e3:.3f} ms "
+                          f"[{p.measured['latency_p25_s'] * 1e3:.3f}, {p.measured['latency_p75_s'] * 1e3:.3f}]"
+                          for i, p in timed))
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     write_json(json_path, result.to_dict())
 
