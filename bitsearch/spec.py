@@ -456,15 +456,12 @@ class SearchSpec(Strict):
         if len(set(metrics)) != len(metrics):
             raise ValueError("give at most one budget per metric")
         if self.options.schemes:
-            from .registry import sensitivity_methods
+            from sensitivity.base import check_schemes
 
-            impl = sensitivity_methods.get(self.sensitivity.method) if self.sensitivity.method in \
-                sensitivity_methods else None
-            if impl is not None and not getattr(impl, "supports_schemes", False):
-                able = sorted(n for n in sensitivity_methods if getattr(sensitivity_methods.get(n),
-                                                                       "supports_schemes", False))
-                raise ValueError(f"the {self.sensitivity.method!r} sensitivity method prices integer bit-widths "
-                                 f"only, not the schemes {self.options.schemes}; use one of {able}")
+            try:
+                check_schemes(self.sensitivity.method, self.options.schemes)
+            except BitsearchError as exc:
+                raise ValueError(str(exc)) from None
         # (a REST request may name a stored table instead: `latency_table_id`, copied in before it runs)
         if "latency" in metrics + [self.pareto_metric] and not (
                 self.latency_table or getattr(self, "latency_table_id", None)):

@@ -124,6 +124,16 @@ def _no_progress(frac: float, msg: str) -> None:
     pass
 
 
+def check_schemes(method: str, schemes) -> None:
+    """Refuse (BitsearchError) named weight schemes for a method that prices integer bit-widths only."""
+    if schemes and method in METHODS and not METHODS[method].supports_schemes:
+        able = sorted(n for n, m in METHODS.items() if m.supports_schemes)
+        raise BitsearchError(
+            f"the {method!r} method prices integer bit-widths only, not the schemes {list(schemes)}; "
+            f"use one of {able}"
+        )
+
+
 def compute_sensitivity(
     model: nn.Module,
     data: Any,
@@ -144,12 +154,7 @@ def compute_sensitivity(
     impl = METHODS[method]()
     progress = progress or _no_progress
     torch.manual_seed(options.seed)
-    if options.schemes and not impl.supports_schemes:
-        able = sorted(n for n, m in METHODS.items() if m.supports_schemes)
-        raise BitsearchError(
-            f"the {method!r} method prices integer bit-widths only, not the schemes {list(options.schemes)}; "
-            f"use one of {able}"
-        )
+    check_schemes(method, options.schemes)
     model = model.eval()
     x, y, data_info = _resolve_data(model, data, options, example_input, progress)
     if impl.needs_labels and y is None:

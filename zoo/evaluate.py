@@ -9,7 +9,7 @@ labels, which is what makes label-free data usable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,23 @@ def predict(
 
     The model runs in eval mode (its previous mode is restored afterwards) without autograd.
     """
-    x = data.x if isinstance(data, ArrayDataset) else data
+
+    def check(logits: torch.Tensor, b: int) -> None:
+        if logits.dim() != 2 or logits.shape[0] != b:
+            raise BitsearchError(
+                f"the model returned logits of shape {tuple(logits.shape)} for a batch of {b}; "
+                "expected (batch, classes)"
+            )
+
+    return batched_logits(model, data.x if isinstance(data, ArrayDataset) else data, batch_size, check)
+
+
+def batched_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int, check: Callable[[torch.Tensor, int], None]
+) -> torch.Tensor:
+    """`model`'s float32 outputs on `x`, batch by batch, in eval mode without autograd, into one preallocated
+    tensor; `check(logits, batch)` refuses an output of the wrong shape (classifiers and language models
+    expect different ones)."""
     if batch_size < 1:
         raise BitsearchError(f"batch size must be at least 1, got {batch_size}")
     n = int(x.shape[0])
@@ -55,13 +71,9 @@ def predict(
         with torch.inference_mode():
             for i in range(0, n, batch_size):
                 logits = _logits_of(model(x[i : i + batch_size]))
-                if logits.dim() != 2 or logits.shape[0] != min(batch_size, n - i):
-                    raise BitsearchError(
-                        f"the model returned logits of shape {tuple(logits.shape)} for a batch of "
-                        f"{min(batch_size, n - i)}; expected (batch, classes)"
-                    )
+                check(logits, min(batch_size, n - i))
                 if out is None:
-                    out = torch.empty((n, logits.shape[1]), dtype=torch.float32)
+                    out = torch.empty((n, *logits.shape[1:]), dtype=torch.float32)
                 out[i : i + len(logits)] = logits
     finally:
         model.train(was_training)

@@ -25,7 +25,7 @@ from torch import nn
 from quant.errors import BitsearchError
 
 from .data import ArrayDataset
-from .evaluate import EvalResult, _logits_of
+from .evaluate import EvalResult, batched_logits
 from .tokens import IGNORE, is_token_data
 
 DEFAULT_BATCH_SIZE = 16
@@ -50,29 +50,16 @@ def predict_tokens(model: nn.Module, data: ArrayDataset | torch.Tensor, batch_si
     x = data.x if isinstance(data, ArrayDataset) else data
     if not is_token_data(x):
         raise BitsearchError(f"expected N×T integer token ids, got {tuple(x.shape)} {x.dtype}")
-    if batch_size < 1:
-        raise BitsearchError(f"batch size must be at least 1, got {batch_size}")
-    n, t = int(x.shape[0]), int(x.shape[1])
-    was_training = model.training
-    model.eval()
-    out: torch.Tensor | None = None
-    try:
-        with torch.inference_mode():
-            for i in range(0, n, batch_size):
-                logits = _logits_of(model(x[i : i + batch_size]))
-                b = min(batch_size, n - i)
-                if logits.dim() != 3 or logits.shape[0] != b or logits.shape[2] != t - 1:
-                    raise BitsearchError(
-                        f"the model returned logits of shape {tuple(logits.shape)} for {b} sequences of {t} "
-                        f"tokens; expected (batch, vocab, {t - 1}) next-token logits"
-                    )
-                if out is None:
-                    out = torch.empty((n, logits.shape[1], t - 1), dtype=torch.float32)
-                out[i : i + b] = logits
-    finally:
-        model.train(was_training)
-    assert out is not None
-    return out
+    t = int(x.shape[1])
+
+    def check(logits: torch.Tensor, b: int) -> None:
+        if logits.dim() != 3 or logits.shape[0] != b or logits.shape[2] != t - 1:
+            raise BitsearchError(
+                f"the model returned logits of shape {tuple(logits.shape)} for {b} sequences of {t} "
+                f"tokens; expected (batch, vocab, {t - 1}) next-token logits"
+            )
+
+    return batched_logits(model, x, batch_size, check)
 
 
 def evaluate_tokens(

@@ -75,14 +75,6 @@ def _out(request: Request, row, full: bool) -> LatencyTableOut:
     )
 
 
-def stored_latency_table(sf, tenant: str, table_id: str) -> dict[str, dict[str, float]]:
-    """The table of one of the tenant's stored latency tables (what a search's `latency_table_id` names)."""
-    row = lat_repo.get(sf, tenant, views.check_id(table_id, "latency table"))
-    if row is None:
-        raise views.not_found("latency table", table_id)
-    return row.table
-
-
 @router.post("/latency-tables", status_code=201, response_model=LatencyTableOut)
 def create_latency_table(body: LatencyTableIn, request: Request, response: Response, tenant: TenantId, sf: SF):
     """Store a measured latency table; searches reference it by id (`latency_table_id`)."""
