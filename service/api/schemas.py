@@ -216,6 +216,22 @@ class DatasetOut(BaseModel):
 # --- jobs and schedules ------------------------------------------------------------------------------------
 
 
+class ZooModelOut(BaseModel):
+    """A built-in model (`zoo:NAME`): trained on first use from data every machine has."""
+
+    ref: str
+    input_shape: list[int]
+    classes: int
+    dataset: str | None
+    needs_weights: bool
+    description: str
+
+
+class ZooDatasetOut(BaseModel):
+    ref: str
+    description: str
+
+
 class JobOut(BaseModel):
     id: str
     kind: str

@@ -184,16 +184,3 @@ async def receive_file(request: Request, tmp_dir: Path, max_bytes: int, file_fie
         r.path.unlink(missing_ok=True)
         raise HTTPException(422, "the uploaded file is empty")
     return Received(r.path, r.filename, r.size, r.hash.hexdigest(), r.fields)
-
-
-def place(received: Received, final: Path) -> None:
-    """Move a received file to its final place (same file system: an atomic rename)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(received.path, final)
-
-
-def remove_file(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        log.warning("could not remove %s", path, exc_info=True)
