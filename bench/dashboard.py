@@ -144,6 +144,80 @@ def seed_search(sf, tenant_id: str, outcome, model: str = "zoo:cifar-resnet20", 
     return search.id
 
 
+def study_storage_of(sf):
+    """The Optuna storage in which the service keeps the studies of searches stored through `sf`."""
+    from search.study_storage import make_storage
+    from service.measured_search import study_url
+
+    return make_storage(study_url(sf.kw["bind"].url.render_as_string(hide_password=False)))
+
+
+def add_synthetic_trials(storage, search_id: str, n: int, seed: int = 0, failed: int = 0,
+                         over_budget: int = 0, total: int | None = None) -> None:
+    """Add `n` finished trials to the BOMP-NAS study of `search_id` (created, as the search job creates it, on
+    the first call): measured trials of digits-MLP-like architectures (width, depth) with per-layer bits, whose
+    top-1 grows with the weight memory plus noise, then `failed` failed trials and `over_budget` trials that
+    were costed but not measured. `total`: the study's `total_trials` (default: the trials added)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from quant.allocation import Allocation, LayerBits
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=f"search-{search_id}",
+                                directions=["maximize", "minimize"], load_if_exists=True)
+    if "bitsearch.fanout" not in study.user_attrs:
+        study.set_user_attr("bitsearch.objective", {"kind": "bomp-nas", "config": {"cost_metric": "weight_memory"}})
+        study.set_user_attr("bitsearch.fanout", {"total_trials": total or n + failed + over_budget})
+    rng = random.Random(seed * 7919 + len(study.trials))
+    widths, depths, bit_options = (0.125, 0.25, 0.5, 1.0), (1, 2, 3), (2, 3, 4, 8)
+    for k in range(n + failed + over_budget):
+        width, depth = rng.choice(widths), rng.choice(depths)
+        names = [f"fc{i + 1}" for i in range(depth + 1)]
+        bits = {name: rng.choice(bit_options) for name in names}
+        dists = {"width": CategoricalDistribution(widths), "depth": CategoricalDistribution(depths),
+                 **{f"bits.{i}": CategoricalDistribution(bit_options) for i in range(4)}}
+        params = {"width": width, "depth": depth,
+                  **{f"bits.{i}": bits.get(f"fc{i + 1}", 8) for i in range(4)}}
+        sizes = [64 * int(128 * width)] + [int(128 * width) ** 2] * (depth - 1) + [int(128 * width) * 10]
+        memory = float(sum(p * bits[name] for p, name in zip(sizes, names)))
+        metrics = {"weight_memory": memory, "avg_weight_bits": memory / sum(sizes), "bops": memory * 64.0}
+        attrs = {"arch": {"width": width, "depth": depth},
+                 "allocation": Allocation({nm: LayerBits(b, 8) for nm, b in bits.items()}, model="synthetic").to_dict(),
+                 "metrics": metrics, "measured": True, "worker": f"job-{k % 3}", "seconds": rng.uniform(5, 30)}
+        if k < n:
+            top1 = min(99.0, 70.0 + 4.0 * math.log2(memory / 4096.0) + rng.gauss(0, 2.0))
+            trial = create_trial(state=TrialState.COMPLETE, values=[top1, memory], params=params,
+                                 distributions=dists, user_attrs=attrs)
+        elif k < n + failed:
+            trial = create_trial(state=TrialState.FAIL, params=params, distributions=dists,
+                                 user_attrs={**attrs, "measured": False, "error": "trial ran past its timeout"})
+        else:
+            trial = create_trial(state=TrialState.COMPLETE, values=[0.0, memory], params=params,
+                                 distributions=dists, user_attrs={**attrs, "measured": False})
+        study.add_trial(trial)
+
+
+def synthetic_bits_history(layers: list[str], steps: int, every_k: int = 25, seed: int = 0) -> list[dict]:
+    """A QBitOpt history as `search.solvers.qbitopt.QBitOptCallback` records it: every `every_k` steps the
+    allocation, the layers that changed and the predicted objective."""
+    rng = random.Random(seed)
+    current = {n: 4 for n in layers}
+    out = []
+    for i in range(1, steps + 1):
+        changed = []
+        if i > 1:
+            for n in rng.sample(layers, k=min(len(layers), 2)):
+                new = rng.choice((2, 3, 4, 8))
+                if new != current[n]:
+                    current[n] = new
+                    changed.append(n)
+        out.append({"step": i * every_k, "objective_before": 1.0 / i, "objective_after": 0.9 / i,
+                    "changed": changed, "allocation": {n: f"W{b}A8" for n, b in current.items()}, "seconds": 0.01})
+    return out
+
+
 def log_in(page, base_url: str, key: str) -> None:
     page.goto(f"{base_url}/ui/login")
     page.fill("#api-key", key)
