@@ -1,6 +1,6 @@
 """Dashboard page load: a finished search with 200 Pareto points and 100 layers, opened in headless Chromium.
 
-    .venv/bin/python bench/dashboard.py [--runs 9] [--points 200] [--layers 100] [--chromium PATH]
+    .venv/bin/python bench/dashboard.py [--runs 9] [--points 200] [--layers 100] [--trials 200] [--chromium PATH]
 
 Serves the app (uvicorn in this process, SQLite in a temporary folder), seeds one finished search straight
 into the database (a synthetic sensitivity table, front and allocations, stored by `persist_outcome` as a
@@ -10,6 +10,11 @@ ones from the browser's cache). A load's time runs from the navigation's start t
 script has drawn the front, the sensitivity heatmap and the recommended point's allocation chart
 (`window.dashboardRenderedAt`, a `performance.now()` reading). Writes the median, maximum and minimum of
 each load, the command and the machine to bench/results/dashboard.md.
+
+A second seeded search is a BOMP-NAS one whose study holds `--trials` finished trials (synthetic architectures
+and bits, in the service's study storage as the search job writes them): its page adds the trial scatter, and
+the time of the `/ui/api/searches/{id}/trials` request the page polls is measured too (the server reading the
+study and shaping the chart's data).
 
 The helpers (server, seeding, measurement) are shared with tests/test_dashboard.py.
 """
@@ -253,9 +258,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--points", type=int, default=200)
     ap.add_argument("--layers", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--chromium", default=CHROMIUM)
     args = ap.parse_args()
 
+    import httpx
     from playwright.sync_api import sync_playwright
 
     from bench._common import machine, write_result
@@ -273,6 +280,12 @@ def main() -> None:
         t0 = time.perf_counter()
         search_id = seed_search(sf, tenant, synthetic_outcome(args.points, args.layers))
         seed_s = time.perf_counter() - t0
+        trials_id = seed_search(sf, tenant, synthetic_outcome(20, 4), model="zoo:digits-mlp",
+                                solver={"name": "bomp-nas", "settings": {"total_trials": args.trials}})
+        add_synthetic_trials(study_storage_of(sf), trials_id, n=args.trials - args.trials // 20,
+                             failed=args.trials // 40, over_budget=args.trials // 20 - args.trials // 40)
+        trial_loads: list[list[float]] = [[], []]
+        trials_api: list[float] = []
         server = LiveServer(create_app(Settings(data_dir=Path(tmp) / "data"), sf)).start()
         times: list[list[float]] = [[] for _ in LOADS]
         plotly_alone: list[float] = []
@@ -301,6 +314,21 @@ def main() -> None:
                     context = browser.new_context()
                     plotly_alone.append(measure_plotly_alone(context.new_page(), server.url))
                     context.close()
+                    # the BOMP-NAS search with its trial scatter: cold, then from the cache
+                    context = browser.new_context(viewport={"width": 1366, "height": 768})
+                    context.add_cookies([{"name": "bitsearch_key", "value": key, "url": server.url,
+                                          "httpOnly": True, "secure": True, "sameSite": "Strict"}])
+                    page = context.new_page()
+                    for series in trial_loads:
+                        series.append(measure_page_load(page, f"{server.url}/ui/searches/{trials_id}"))
+                    shown = page.evaluate("document.getElementById('trials-chart').data"
+                                          ".reduce((n, t) => n + t.x.length, 0)")
+                    assert shown == args.trials - args.trials // 20, shown
+                    context.close()
+                    with httpx.Client(base_url=server.url, cookies={"bitsearch_key": key}) as http:
+                        t0 = time.perf_counter()
+                        assert http.get(f"/ui/api/searches/{trials_id}/trials").status_code == 200
+                        trials_api.append(1e3 * (time.perf_counter() - t0))
                 version = browser.version
                 browser.close()
         finally:
@@ -327,6 +355,11 @@ def main() -> None:
     ]
     for label, series in [*zip(LOADS, times),
                           ("first, opened from the searches list after logging in (new browser context)", via_list),
+                          (f"BOMP-NAS search with {args.trials} trials (scatter) and a 20-point front, first "
+                           "(cold cache)", trial_loads[0]),
+                          ("the same, second", trial_loads[1]),
+                          (f"`GET /ui/api/searches/{{id}}/trials` of that search ({args.trials} trials), "
+                           "server time seen by the client", trials_api),
                           ("for comparison: a blank page with `plotly.min.js` alone, cold cache", plotly_alone)]:
         each = ", ".join(f"{t:.0f}" for t in series)
         lines.append(
