@@ -21,11 +21,11 @@ import pytest
 
 from bench.dashboard import (
     CHROMIUM,
-    SEEDED_QUEUE,
     LiveServer,
     add_synthetic_trials,
     log_in,
     measure_page_load,
+    seed_running_search,
     seed_search,
     study_storage_of,
     synthetic_bits_history,
@@ -536,16 +536,9 @@ def test_error_bars_evidence_and_the_predicted_latency_axis(live, browser):
 def test_trial_scatter_marks_the_pareto_trials_and_grows_as_trials_finish(live, browser):
     """A running bomp-nas search whose study holds 12 measured trials, a failed one and two over budget; eight
     more finish while the page is open."""
-    from db import repo
-    from db.models import new_id
-
     request = {"model": "zoo:digits-mlp", "data": "zoo:digits", "budgets": [{"metric": "weight_memory", "value": "6KB"}],
                "solver": {"name": "bomp-nas", "settings": {"total_trials": 40}}}
-    search, _ = repo.create_search(live.sf, search_id=new_id(), tenant_id=live.tenant_a, model_ref="zoo:digits-mlp",
-                                   data_ref="zoo:digits", request=request, spec={})
-    job = job_repo.submit(live.sf, "search", {}, SEEDED_QUEUE, 1)  # a queue no worker takes: it stays running
-    repo.link_job(live.sf, search.id, job.id, live.tenant_a, "search")
-    job_repo.claim(live.sf, "seed", job_id=job.id)
+    search = SimpleNamespace(id=seed_running_search(live.sf, live.tenant_a, request))
     storage = study_storage_of(live.sf)
     add_synthetic_trials(storage, search.id, n=12, seed=5, failed=1, over_budget=2, total=40)
     api = httpx.get(f"{live.url}/searches/{search.id}/trials", headers={"Authorization": f"Bearer {live.key_a}"})

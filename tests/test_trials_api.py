@@ -158,3 +158,32 @@ def test_qbitopt_round_trip_serves_its_bits_over_training(api, sf, monkeypatch, 
     assert final == {n: b.weight_bits for n, b in allocs[0].layers.items()}
     assert client.get(f"/searches/{acc['id']}/bits-history", headers=h_b).status_code == 404
     assert client.get(f"/searches/{acc['id']}/trials", headers=h).status_code == 404
+
+
+def test_a_running_searchs_trials_are_read_as_they_start_and_finish(api, sf):  # noqa: F811
+    """While the search runs, finished trials are cached between reads: a trial that starts, then finishes,
+    and trials added meanwhile all show up."""
+    import optuna
+
+    from bench.dashboard import seed_running_search
+
+    client, h, _ = api
+    search_id = seed_running_search(sf, tenant_of(sf, h), {"model": "zoo:digits-mlp", "data": "zoo:digits",
+                                                           "solver": {"name": "bomp-nas"}})
+    storage = study_storage_of(sf)
+    add_synthetic_trials(storage, search_id, n=5, seed=1, total=10)
+    url = f"/searches/{search_id}/trials"
+    assert client.get(url, headers=h).json()["progress"]["done"] == 5
+    study = optuna.load_study(study_name=f"search-{search_id}", storage=storage)
+    trial = study.ask()  # a worker starts a trial
+    body = client.get(url, headers=h).json()
+    assert body["status"] == "running" and body["progress"]["running"] == 1
+    assert body["trials"][-1]["state"] == "RUNNING" and body["trials"][-1]["score"] is None
+    add_synthetic_trials(storage, search_id, n=2, seed=2)  # others finish meanwhile
+    trial.set_user_attr("measured", True)
+    trial.set_user_attr("metrics", {"weight_memory": 1.0})
+    study.tell(trial, [99.0, 1.0])  # the cheapest and best: it dominates every other trial
+    body = client.get(url, headers=h).json()
+    assert body["progress"]["done"] == 8 and body["progress"]["running"] == 0
+    assert [t["number"] for t in body["trials"] if t["pareto"]] == [trial.number]
+    check_pareto_marks(body)
