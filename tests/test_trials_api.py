@@ -21,6 +21,21 @@ def tenant_of(sf, headers: dict) -> str:
     return authenticate(sf, headers["Authorization"].split()[1])
 
 
+def dashboard_get(client, headers: dict, path: str) -> dict:
+    """A dashboard JSON endpoint, with the session cookie the login sets (the key of `headers`)."""
+    r = dashboard_response(client, headers, path)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def dashboard_response(client, headers: dict, path: str):
+    client.cookies.set("bitsearch_key", headers["Authorization"].split()[1])
+    try:
+        return client.get(path)
+    finally:
+        client.cookies.clear()
+
+
 def dominated(t: dict, others: list[dict], maximize: bool = True) -> bool:
     """Whether another measured trial is at least as good on both objectives and better on one."""
     s = 1.0 if maximize else -1.0
@@ -131,6 +146,14 @@ def test_bayes_round_trip_serves_its_trials(api, sf, monkeypatch):  # noqa: F811
         if t["measured"]:
             assert 0.0 <= t["score"] <= 100.0
     assert pareto["points"]  # the front the study's picks fed
+    # the dashboard shapes the same trials for its scatter: every measured one drawn, the same Pareto marks
+    chart = dashboard_get(client, h, f"/ui/api/searches/{acc['id']}/trials")
+    assert [p["number"] for p in chart["points"]] == [t["number"] for t in measured]
+    assert [p["pareto"] for p in chart["points"]] == [t["pareto"] for t in measured]
+    assert chart["default_x"] == "avg_weight_bits" and chart["progress"]["done"] == 4
+    assert all("bits: fc1 W" in p["hover"] for p in chart["points"])
+    page = dashboard_response(client, h, f"/ui/searches/{acc['id']}")
+    assert page.status_code == 200 and 'id="trials-card"' in page.text and 'id="bits-card"' not in page.text
     assert client.get(f"/searches/{acc['id']}/trials", headers=h_b).status_code == 404
     assert client.get(f"/searches/{acc['id']}/bits-history", headers=h).status_code == 404
 
@@ -158,6 +181,9 @@ def test_qbitopt_round_trip_serves_its_bits_over_training(api, sf, monkeypatch, 
     assert final == {n: b.weight_bits for n, b in allocs[0].layers.items()}
     assert client.get(f"/searches/{acc['id']}/bits-history", headers=h_b).status_code == 404
     assert client.get(f"/searches/{acc['id']}/trials", headers=h).status_code == 404
+    chart = dashboard_get(client, h, f"/ui/api/searches/{acc['id']}/bits-history")
+    assert chart["steps"] == got["steps"] and chart["layers"] == [l["name"] for l in got["layers"]]
+    assert chart["bits"] == [l["weight_bits"] for l in got["layers"]]
 
 
 def test_a_running_searchs_trials_are_read_as_they_start_and_finish(api, sf):  # noqa: F811
