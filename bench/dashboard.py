@@ -1,6 +1,6 @@
 """Dashboard page load: a finished search with 200 Pareto points and 100 layers, opened in headless Chromium.
 
-    .venv/bin/python bench/dashboard.py [--runs 9] [--points 200] [--layers 100] [--chromium PATH]
+    .venv/bin/python bench/dashboard.py [--runs 9] [--points 200] [--layers 100] [--trials 200] [--chromium PATH]
 
 Serves the app (uvicorn in this process, SQLite in a temporary folder), seeds one finished search straight
 into the database (a synthetic sensitivity table, front and allocations, stored by `persist_outcome` as a
@@ -10,6 +10,11 @@ ones from the browser's cache). A load's time runs from the navigation's start t
 script has drawn the front, the sensitivity heatmap and the recommended point's allocation chart
 (`window.dashboardRenderedAt`, a `performance.now()` reading). Writes the median, maximum and minimum of
 each load, the command and the machine to bench/results/dashboard.md.
+
+A second seeded search is a BOMP-NAS one whose study holds `--trials` finished trials (synthetic architectures
+and bits, in the service's study storage as the search job writes them): its page adds the trial scatter, and
+the time of the `/ui/api/searches/{id}/trials` request the page polls is measured too (the server reading the
+study and shaping the chart's data).
 
 The helpers (server, seeding, measurement) are shared with tests/test_dashboard.py.
 """
@@ -144,6 +149,96 @@ def seed_search(sf, tenant_id: str, outcome, model: str = "zoo:cifar-resnet20", 
     return search.id
 
 
+def seed_running_search(sf, tenant_id: str, request: dict) -> str:
+    """A search of `tenant_id` whose job a worker has claimed and runs (on a queue no worker takes, so it
+    stays running): what its page shows before any result."""
+    from db import jobs as job_repo
+    from db import repo
+    from db.models import new_id
+
+    model = request["model"]
+    search, _ = repo.create_search(sf, search_id=new_id(), tenant_id=tenant_id, model_ref=model,
+                                   data_ref=request.get("data"), request=request, spec={})
+    job = job_repo.submit(sf, "search", {}, SEEDED_QUEUE, 1)
+    repo.link_job(sf, search.id, job.id, tenant_id, "search")
+    assert job_repo.claim(sf, "seed", job_id=job.id) is not None
+    return search.id
+
+
+def study_storage_of(sf):
+    """The Optuna storage in which the service keeps the studies of searches stored through `sf`."""
+    from search.study_storage import make_storage
+    from service.measured_search import study_url
+
+    return make_storage(study_url(sf.kw["bind"].url.render_as_string(hide_password=False)))
+
+
+def add_synthetic_trials(storage, search_id: str, n: int, seed: int = 0, failed: int = 0,
+                         over_budget: int = 0, total: int | None = None) -> None:
+    """Add `n` finished trials to the BOMP-NAS study of `search_id` (created, as the search job creates it, on
+    the first call): measured trials of digits-MLP-like architectures (width, depth) with per-layer bits, whose
+    top-1 grows with the weight memory plus noise, then `failed` failed trials and `over_budget` trials that
+    were costed but not measured. `total`: the study's `total_trials` (default: the trials added)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from quant.allocation import Allocation, LayerBits
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=f"search-{search_id}",
+                                directions=["maximize", "minimize"], load_if_exists=True)
+    if "bitsearch.fanout" not in study.user_attrs:
+        study.set_user_attr("bitsearch.objective", {"kind": "bomp-nas", "config": {"cost_metric": "weight_memory"}})
+        study.set_user_attr("bitsearch.fanout", {"total_trials": total or n + failed + over_budget})
+    rng = random.Random(seed * 7919 + len(study.trials))
+    widths, depths, bit_options = (0.125, 0.25, 0.5, 1.0), (1, 2, 3), (2, 3, 4, 8)
+    for k in range(n + failed + over_budget):
+        width, depth = rng.choice(widths), rng.choice(depths)
+        names = [f"fc{i + 1}" for i in range(depth + 1)]
+        bits = {name: rng.choice(bit_options) for name in names}
+        dists = {"width": CategoricalDistribution(widths), "depth": CategoricalDistribution(depths),
+                 **{f"bits.{i}": CategoricalDistribution(bit_options) for i in range(4)}}
+        params = {"width": width, "depth": depth,
+                  **{f"bits.{i}": bits.get(f"fc{i + 1}", 8) for i in range(4)}}
+        sizes = [64 * int(128 * width)] + [int(128 * width) ** 2] * (depth - 1) + [int(128 * width) * 10]
+        memory = float(sum(p * bits[name] for p, name in zip(sizes, names)))
+        metrics = {"weight_memory": memory, "avg_weight_bits": memory / sum(sizes), "bops": memory * 64.0}
+        attrs = {"arch": {"width": width, "depth": depth},
+                 "allocation": Allocation({nm: LayerBits(b, 8) for nm, b in bits.items()}, model="synthetic").to_dict(),
+                 "metrics": metrics, "measured": True, "worker": f"job-{k % 3}", "seconds": rng.uniform(5, 30)}
+        if k < n:
+            top1 = min(99.0, 70.0 + 4.0 * math.log2(memory / 4096.0) + rng.gauss(0, 2.0))
+            trial = create_trial(state=TrialState.COMPLETE, values=[top1, memory], params=params,
+                                 distributions=dists, user_attrs=attrs)
+        elif k < n + failed:
+            trial = create_trial(state=TrialState.FAIL, params=params, distributions=dists,
+                                 user_attrs={**attrs, "measured": False, "error": "trial ran past its timeout"})
+        else:
+            trial = create_trial(state=TrialState.COMPLETE, values=[0.0, memory], params=params,
+                                 distributions=dists, user_attrs={**attrs, "measured": False})
+        study.add_trial(trial)
+
+
+def synthetic_bits_history(layers: list[str], steps: int, every_k: int = 25, seed: int = 0) -> list[dict]:
+    """A QBitOpt history as `search.solvers.qbitopt.QBitOptCallback` records it: every `every_k` steps the
+    allocation, the layers that changed and the predicted objective."""
+    rng = random.Random(seed)
+    current = {n: 4 for n in layers}
+    out = []
+    for i in range(1, steps + 1):
+        changed = []
+        if i > 1:
+            for n in rng.sample(layers, k=min(len(layers), 2)):
+                new = rng.choice((2, 3, 4, 8))
+                if new != current[n]:
+                    current[n] = new
+                    changed.append(n)
+        out.append({"step": i * every_k, "objective_before": 1.0 / i, "objective_after": 0.9 / i,
+                    "changed": changed, "allocation": {n: f"W{b}A8" for n, b in current.items()}, "seconds": 0.01})
+    return out
+
+
 def log_in(page, base_url: str, key: str) -> None:
     page.goto(f"{base_url}/ui/login")
     page.fill("#api-key", key)
@@ -179,9 +274,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--points", type=int, default=200)
     ap.add_argument("--layers", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--chromium", default=CHROMIUM)
     args = ap.parse_args()
 
+    import httpx
     from playwright.sync_api import sync_playwright
 
     from bench._common import machine, write_result
@@ -199,6 +296,27 @@ def main() -> None:
         t0 = time.perf_counter()
         search_id = seed_search(sf, tenant, synthetic_outcome(args.points, args.layers))
         seed_s = time.perf_counter() - t0
+        solver = {"name": "bomp-nas", "settings": {"total_trials": args.trials}}
+        trials_id = seed_search(sf, tenant, synthetic_outcome(20, 4), model="zoo:digits-mlp", solver=solver)
+        running_id = seed_running_search(sf, tenant, {"model": "zoo:digits-mlp", "data": "zoo:digits",
+                                                      "solver": solver})
+        storage = study_storage_of(sf)
+        for sid in (trials_id, running_id):  # the same trials in both studies
+            add_synthetic_trials(storage, sid, n=args.trials - args.trials // 20, failed=args.trials // 40,
+                                 over_budget=args.trials // 20 - args.trials // 40)
+        # CPU time of the service reading the study (fairer than wall time on a shared machine)
+        from service import trial_views
+
+        settings = Settings(data_dir=Path(tmp) / "data")
+        reader_cpu: dict[str, list[float]] = {"finished": [], "running": []}
+        for kind, sid in (("finished", trials_id), ("running", running_id)):
+            trial_views.search_trials(sf, settings, tenant, sid)  # opens the storage (and fills the cache)
+            for _ in range(args.runs):
+                c0 = time.process_time()
+                trial_views.search_trials(sf, settings, tenant, sid)
+                reader_cpu[kind].append(1e3 * (time.process_time() - c0))
+        trial_loads: list[list[float]] = [[], []]
+        trials_api: dict[str, list[float]] = {"finished": [], "running": []}
         server = LiveServer(create_app(Settings(data_dir=Path(tmp) / "data"), sf)).start()
         times: list[list[float]] = [[] for _ in LOADS]
         plotly_alone: list[float] = []
@@ -227,6 +345,22 @@ def main() -> None:
                     context = browser.new_context()
                     plotly_alone.append(measure_plotly_alone(context.new_page(), server.url))
                     context.close()
+                    # the BOMP-NAS search with its trial scatter: cold, then from the cache
+                    context = browser.new_context(viewport={"width": 1366, "height": 768})
+                    context.add_cookies([{"name": "bitsearch_key", "value": key, "url": server.url,
+                                          "httpOnly": True, "secure": True, "sameSite": "Strict"}])
+                    page = context.new_page()
+                    for series in trial_loads:
+                        series.append(measure_page_load(page, f"{server.url}/ui/searches/{trials_id}"))
+                    shown = page.evaluate("document.getElementById('trials-chart').data"
+                                          ".reduce((n, t) => n + t.x.length, 0)")
+                    assert shown == args.trials - args.trials // 20, shown
+                    context.close()
+                    with httpx.Client(base_url=server.url, cookies={"bitsearch_key": key}) as http:
+                        for kind, sid in (("finished", trials_id), ("running", running_id)):
+                            t0 = time.perf_counter()
+                            assert http.get(f"/ui/api/searches/{sid}/trials").status_code == 200
+                            trials_api[kind].append(1e3 * (time.perf_counter() - t0))
                 version = browser.version
                 browser.close()
         finally:
@@ -253,6 +387,16 @@ def main() -> None:
     ]
     for label, series in [*zip(LOADS, times),
                           ("first, opened from the searches list after logging in (new browser context)", via_list),
+                          (f"BOMP-NAS search with {args.trials} trials (scatter) and a 20-point front, first "
+                           "(cold cache)", trial_loads[0]),
+                          ("the same, second", trial_loads[1]),
+                          (f"`GET /ui/api/searches/{{id}}/trials` of that search ({args.trials} trials), as seen "
+                           "by the client", trials_api["finished"]),
+                          ("the same request for a running search with the same trials (what the page polls "
+                           "every 2 s; finished trials cached)", trials_api["running"]),
+                          (f"CPU time of reading a finished search's {args.trials} trials "
+                           "(`service.trial_views.search_trials`, every trial read afresh)", reader_cpu["finished"]),
+                          ("CPU time of the same for a running search (finished trials cached)", reader_cpu["running"]),
                           ("for comparison: a blank page with `plotly.min.js` alone, cold cache", plotly_alone)]:
         each = ", ".join(f"{t:.0f}" for t in series)
         lines.append(

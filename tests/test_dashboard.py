@@ -19,7 +19,18 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.dashboard import CHROMIUM, LiveServer, log_in, measure_page_load, seed_search, synthetic_outcome
+from bench.dashboard import (
+    CHROMIUM,
+    LiveServer,
+    add_synthetic_trials,
+    log_in,
+    measure_page_load,
+    seed_running_search,
+    seed_search,
+    study_storage_of,
+    synthetic_bits_history,
+    synthetic_outcome,
+)
 from db import jobs as job_repo
 from quant.allocation import Allocation
 from service.api.app import create_app
@@ -516,4 +527,79 @@ def test_error_bars_evidence_and_the_predicted_latency_axis(live, browser):
     page.locator("#front-chart .g-xtitle", has_text="measured end-to-end latency").wait_for()
     uniform = page.evaluate("document.getElementById('front-chart').data.find(t => t.meta === 'uniform').x")
     assert uniform == pytest.approx([1.1 * x for x in expected])
+    context.close()
+
+
+# --- trials of a measured search, QBitOpt's bits over training ------------------------------------------------
+
+
+def test_trial_scatter_marks_the_pareto_trials_and_grows_as_trials_finish(live, browser):
+    """A running bomp-nas search whose study holds 12 measured trials, a failed one and two over budget; eight
+    more finish while the page is open."""
+    request = {"model": "zoo:digits-mlp", "data": "zoo:digits", "budgets": [{"metric": "weight_memory", "value": "6KB"}],
+               "solver": {"name": "bomp-nas", "settings": {"total_trials": 40}}}
+    search = SimpleNamespace(id=seed_running_search(live.sf, live.tenant_a, request))
+    storage = study_storage_of(live.sf)
+    add_synthetic_trials(storage, search.id, n=12, seed=5, failed=1, over_budget=2, total=40)
+    api = httpx.get(f"{live.url}/searches/{search.id}/trials", headers={"Authorization": f"Bearer {live.key_a}"})
+    pareto = sorted(t["number"] for t in api.json()["trials"] if t["pareto"])
+
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log_in(page, live.url, live.key_a)
+    page.goto(f"{live.url}/ui/searches/{search.id}")
+    page.wait_for_selector("body[data-rendered='1']")
+    traces = page.evaluate(
+        "document.getElementById('trials-chart').data.map(t => ({meta: t.meta, n: t.x.length, idx: t.customdata}))"
+    )
+    by_meta = {t["meta"]: t for t in traces}
+    assert by_meta["trials"]["n"] + by_meta["pareto"]["n"] == 12
+    assert sorted(by_meta["pareto"]["idx"]) == pareto  # the REST API's Pareto-optimal trials, highlighted
+    assert page.locator("#trials-progress").inner_text() == "· 15 / 40 trials finished"
+    counts = page.locator("#trials-counts").inner_text()
+    assert "12 measured" in counts and "1 failed" in counts and "2 over budget" in counts
+    assert page.locator("#trials-x-metric").input_value() == "weight_memory"  # the study's own cost
+
+    # hover on a Pareto-optimal trial: its number, score, architecture and bits
+    box = page.locator("#trials-chart .scatterlayer .trace").nth(1).locator("path.point").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    hover = page.locator("#trials-chart .hoverlayer .hovertext").first
+    hover.wait_for()
+    text = hover.text_content()
+    assert re.search(r"trial \d+ \(Pareto-optimal\)", text)
+    for figure in ("selection top-1", "weight memory", "architecture: width", "bits: fc1 W"):
+        assert figure in text, figure
+    shot(page, "search-trials")
+
+    # eight more trials finish: the page, polling, shows them without a reload
+    add_synthetic_trials(storage, search.id, n=8, seed=6)
+    page.wait_for_selector("#trials-chart[data-done='23']", timeout=30_000)
+    page.wait_for_selector("#trials-chart[data-points='20']")
+    assert page.locator("#trials-progress").inner_text() == "· 23 / 40 trials finished"
+    page.select_option("#trials-x-metric", "avg_weight_bits")
+    page.locator("#trials-chart .g-xtitle", has_text="average weight bits").wait_for()
+    xs = page.evaluate("document.getElementById('trials-chart').data.flatMap(t => t.x)")
+    assert len(xs) == 20 and all(2 <= x <= 8 for x in xs)
+    context.close()
+
+
+def test_qbitopt_bits_over_training_heatmap(live, browser):
+    outcome = synthetic_outcome(points=2, layers=8, seed=2)
+    names = [layer.name for layer in outcome.table.layers]
+    history = synthetic_bits_history(names, steps=6, every_k=20, seed=1)
+    for p in outcome.front.points:
+        p.allocation.metadata["qbitopt"] = {"history": history}
+    search_id = seed_search(live.sf, live.tenant_a, outcome, model="zoo:digits-cnn", solver={"name": "qbitopt"})
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log_in(page, live.url, live.key_a)
+    page.goto(f"{live.url}/ui/searches/{search_id}")
+    page.wait_for_selector("body[data-rendered='1']")
+    heat = page.evaluate("(({x, y, z}) => ({x, y, z}))(document.getElementById('bits-chart').data[0])")
+    assert heat["y"] == names and heat["x"] == [20, 40, 60, 80, 100, 120]
+    expected = [[int(rec["allocation"][n][1:].split("A")[0]) for rec in history] for n in names]
+    assert heat["z"] == expected
+    assert page.locator("#bits-chart .hm").count() == 1  # drawn
+    assert page.locator("#trials-card").count() == 0  # qbitopt runs no trials
+    shot(page, "search-qbitopt-bits")
     context.close()

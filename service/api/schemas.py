@@ -173,6 +173,70 @@ class ParetoOut(BaseModel):
     front: dict[str, Any]
 
 
+class TrialOut(BaseModel):
+    """One trial of a measured search's Optuna study (`bayes`, `bomp-nas`). Costs are in the cost model's
+    units (weight memory in bits, latency in seconds)."""
+
+    number: int
+    state: Literal["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"]
+    score: float | None = Field(description="The measured score (e.g. selection top-1); None when the trial "
+                                            "was not measured (over a budget, failed or unfinished)")
+    cost: float | None = Field(description="The study's cost objective (`cost_metric`)")
+    metrics: dict[str, float]
+    measured: bool
+    pareto: bool = Field(description="Not dominated in (score, cost) by another measured trial")
+    bits: dict[str, str] = Field(description="Layer (or tie group) -> bit option label")
+    arch: dict[str, Any] | None = Field(description="bomp-nas: the trial's architecture")
+    error: str | None
+    retry_of: int | None = Field(description="The trial this one re-runs (its worker was lost)")
+    worker: str | None
+    warm_start: bool
+    seconds: float | None
+
+
+class TrialProgressOut(BaseModel):
+    total: int | None
+    done: int
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    waiting: int
+    infeasible: int = Field(description="Complete but over a budget: costed, never measured")
+
+
+class TrialsOut(BaseModel):
+    search_id: str
+    solver: str
+    status: str
+    study: str
+    exists: bool = Field(description="Whether the study has been created yet")
+    direction: Literal["maximize", "minimize"]
+    score_name: str
+    cost_metric: str | None
+    progress: TrialProgressOut
+    trials: list[TrialOut]
+
+
+class LayerBitsHistoryOut(BaseModel):
+    name: str
+    weight_bits: list[int | None]
+    labels: list[str]
+
+
+class BitsHistoryOut(BaseModel):
+    """QBitOpt's per-layer bits at each re-allocation step of its quantization-aware training."""
+
+    search_id: str
+    status: str
+    source: Literal["result", "running"]
+    point: int | None
+    steps: list[int]
+    layers: list[LayerBitsHistoryOut]
+    changed: list[list[str]]
+    objective: list[float | None]
+
+
 class FinetuneRequest(Strict):
     points: list[int] | None = Field(
         None,

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from quant.errors import BitsearchError
 from search.problem import format_value
-from service.api.schemas import BudgetIn, JobOut, ParetoOut, PointOut, SearchOut
+from service.api.schemas import BitsHistoryOut, BudgetIn, JobOut, ParetoOut, PointOut, SearchOut, TrialsOut
 
 # The cost metrics the front can be plotted against: key -> (axis title, factor from internal units).
 X_METRICS: dict[str, tuple[str, float]] = {
@@ -213,6 +213,86 @@ def front_data(pareto: ParetoOut | None, finetunes: Iterable[tuple[int | None, J
             "uniform": [row(p, "uniform") for p in uniform],
             "qat": qat,
         },
+    }
+
+
+HOVER_BITS = 12  # layers listed in a trial's hover; the rest are counted
+
+
+def _trial_hover(t: Any, score_name: str, cost_metric: str | None) -> str:
+    flags = [w for w, on in (("Pareto-optimal", t.pareto), ("warm start: the ILP's answer or a uniform "
+                                                              "baseline", t.warm_start)) if on]
+    lines = [f"<b>trial {t.number}</b>" + (f" ({', '.join(flags)})" if flags else "")]
+    if t.score is not None:
+        lines.append(f"{escape(score_name)}: {t.score:.4g}")
+    for key in X_METRICS:
+        v = _finite(t.metrics.get(key))
+        if v is not None:
+            mark = " (study's cost)" if key == cost_metric else ""
+            lines.append(f"{key.replace('_', ' ')}: {format_value(key, v)}{mark}")
+    if t.arch:
+        lines.append("architecture: " + escape(", ".join(f"{k} {v}" for k, v in t.arch.items())))
+    if t.bits:
+        items = [f"{escape(n)} {escape(b)}" for n, b in t.bits.items()]
+        more = f", … {len(items) - HOVER_BITS} more" if len(items) > HOVER_BITS else ""
+        lines.append("bits: " + ", ".join(items[:HOVER_BITS]) + more)
+    if t.retry_of is not None:
+        lines.append(f"re-run of trial {t.retry_of} (its worker was lost)")
+    if t.seconds is not None:
+        lines.append(f"ran {t.seconds:.1f} s")
+    return "<br>".join(lines)
+
+
+def trials_data(trials: TrialsOut | None) -> dict[str, Any] | None:
+    """The trial scatter: each measured trial's score, its cost on every metric (display units) and hover;
+    trials without a score (over budget, failed, pruned, unfinished) are counted, not drawn."""
+    if trials is None:
+        return None
+    score_name = {"top1": "selection top-1 (%)", "agreement": "selection agreement (%)"}.get(
+        trials.score_name, f"selection {trials.score_name}")
+    rows = []
+    for t in trials.trials:
+        if t.score is None:
+            continue
+        x = {}
+        for key, (_, factor) in X_METRICS.items():
+            v = _finite(t.metrics.get(key))
+            if v is not None:
+                x[key] = v * factor
+        rows.append({"number": t.number, "score": t.score, "pareto": t.pareto, "x": x,
+                     "hover": _trial_hover(t, score_name, trials.cost_metric)})
+    available = [{"key": k, "title": title} for k, (title, _) in X_METRICS.items() if any(k in r["x"] for r in rows)]
+    default_x = trials.cost_metric if any(m["key"] == trials.cost_metric for m in available) else (
+        available[0]["key"] if available else None)
+    return {
+        "solver": trials.solver,
+        "exists": trials.exists,
+        "direction": trials.direction,
+        "score_title": score_name,
+        "cost_metric": trials.cost_metric,
+        "x_metrics": available,
+        "default_x": default_x,
+        "progress": trials.progress.model_dump(),
+        "pareto_count": sum(1 for r in rows if r["pareto"]),
+        "points": rows,
+    }
+
+
+def bits_history_data(history: BitsHistoryOut | None) -> dict[str, Any] | None:
+    """QBitOpt's layers × re-allocation steps, weight bits as the colour, the full option label on hover."""
+    if history is None or not history.steps:
+        return None
+    changed = [set(c) for c in history.changed]
+    return {
+        "source": history.source,
+        "steps": history.steps,
+        "layers": [l.name for l in history.layers],
+        "bits": [l.weight_bits for l in history.layers],
+        "labels": [
+            [f"{lab}{' (changed here)' if l.name in changed[i] else ''}" for i, lab in enumerate(l.labels)]
+            for l in history.layers
+        ],
+        "changes": sum(len(c) for c in changed),
     }
 
 

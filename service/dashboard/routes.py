@@ -31,6 +31,7 @@ from service.api.routes import searches as search_routes
 from service.api.routes import uploads as upload_routes
 from service.api.routes import zoo as zoo_routes
 from service import searches as search_service
+from service import trial_views
 from service.api.schemas import METRICS, FinetuneRequest, JobOut, ScheduleIn, SearchRequest
 
 from . import data
@@ -334,8 +335,24 @@ def _front(request: Request, sf, viewer: Viewer, search_id: str, jobs) -> dict[s
     return data.front_data(pareto, [(point, job) for kind, point, job in jobs if kind == "fine-tune"])
 
 
+def _trials(sf, settings, viewer: Viewer, search_id: str) -> dict[str, Any] | None:
+    return data.trials_data(search_routes.get_trials(search_id, viewer.tenant_id, sf, settings))
+
+
+def _bits_history(sf, settings, viewer: Viewer, search_id: str) -> dict[str, Any] | None:
+    try:
+        history = search_routes.get_bits_history(search_id, viewer.tenant_id, sf, settings)
+    except HTTPException as exc:
+        if exc.status_code != 404:
+            raise
+        return None  # no re-allocation recorded yet
+    return data.bits_history_data(history)
+
+
 @router.get("/ui/searches/{search_id}")
-def search_page(search_id: SearchId, request: Request, viewer: PageViewer, sf: SF) -> HTMLResponse:
+def search_page(
+    search_id: SearchId, request: Request, viewer: PageViewer, sf: SF, settings: SettingsDep
+) -> HTMLResponse:
     try:
         state = _search_state(request, sf, viewer, search_id)
     except HTTPException as exc:
@@ -357,8 +374,12 @@ def search_page(search_id: SearchId, request: Request, viewer: PageViewer, sf: S
                 "point": recommended,
                 **data.layer_costs(found[1].allocation, table, state["spec_request"]),
             }
+    solver = state["spec"].solver.name if state["spec"] is not None else None
     payload = {
         "search_id": search_id,
+        "solver": solver,
+        "trials": _trials(sf, settings, viewer, search_id) if solver in trial_views.TRIAL_SOLVERS else None,
+        "bits_history": _bits_history(sf, settings, viewer, search_id) if solver == "qbitopt" else None,
         "front": front,
         "heatmap": data.heatmap_data(table),
         "allocation": allocation,
@@ -379,6 +400,19 @@ def search_status(search_id: SearchId, request: Request, viewer: PageViewer, sf:
 def search_front(search_id: SearchId, request: Request, viewer: ApiViewer, sf: SF) -> JSONResponse:
     state = _search_state(request, sf, viewer, search_id)
     return api_json(_front(request, sf, viewer, search_id, state["jobs"]))
+
+
+@router.get("/ui/api/searches/{search_id}/trials")
+def search_trials(search_id: SearchId, viewer: ApiViewer, sf: SF, settings: SettingsDep) -> JSONResponse:
+    """The trial scatter's data (`GET /searches/{id}/trials`, shaped for the chart)."""
+    return api_json(_trials(sf, settings, viewer, search_id))
+
+
+@router.get("/ui/api/searches/{search_id}/bits-history")
+def search_bits_history(search_id: SearchId, viewer: ApiViewer, sf: SF, settings: SettingsDep) -> JSONResponse:
+    """QBitOpt's per-layer bits over training (`GET /searches/{id}/bits-history`, shaped for the chart)."""
+    history = search_routes.get_bits_history(search_id, viewer.tenant_id, sf, settings)
+    return api_json(data.bits_history_data(history))
 
 
 @router.get("/ui/api/searches/{search_id}/allocations/{point}")

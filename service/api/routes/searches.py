@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
 
 from db import repo
 from service import searches as service
+from service import trial_views
 
 from .. import views
 from ..deps import SF, Limit, Offset, SettingsDep, TenantId
 from ..schemas import (
+    BitsHistoryOut,
     FinetuneAccepted,
     FinetuneRequest,
     Page,
@@ -20,6 +23,7 @@ from ..schemas import (
     SearchOut,
     SearchRequest,
     SensitivityOut,
+    TrialsOut,
 )
 
 router = APIRouter(tags=["searches"])
@@ -126,6 +130,25 @@ def get_allocation(
     if found is None or found[1] is None:
         raise HTTPException(404, f"search {search_id} has no point {point} with an allocation")
     return found[1].allocation
+
+
+@router.get("/searches/{search_id}/trials", response_model=TrialsOut, name="get_trials")
+def get_trials(search_id: SearchId, tenant: TenantId, sf: SF, settings: SettingsDep) -> TrialsOut:
+    """The trials of a `bayes` or `bomp-nas` search's study, as they finish: score, cost, bits (and
+    architecture), Pareto-optimal ones marked, and the study's progress."""
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        found = trial_views.search_trials(sf, settings, tenant, search_id)
+    return TrialsOut.model_validate(asdict(found))
+
+
+@router.get("/searches/{search_id}/bits-history", response_model=BitsHistoryOut, name="get_bits_history")
+def get_bits_history(search_id: SearchId, tenant: TenantId, sf: SF, settings: SettingsDep) -> BitsHistoryOut:
+    """A `qbitopt` search's per-layer bits at each re-allocation during its quantization-aware training."""
+    views.check_id(search_id, "search")
+    with views.http_errors():
+        found = trial_views.search_bits_history(sf, settings, tenant, search_id)
+    return BitsHistoryOut.model_validate(asdict(found))
 
 
 @router.post(

@@ -1,6 +1,7 @@
 // A search's page: the Pareto front (cost on x, measured accuracy and predicted loss on y), the allocation
-// of a clicked point with its per-layer bits and cost shares, fine-tuning, the sensitivity heatmap, and
-// live updates of the status and jobs while anything runs.
+// of a clicked point with its per-layer bits and cost shares, fine-tuning, the sensitivity heatmap, the
+// trial scatter of a bayes or bomp-nas search, QBitOpt's bits over training, and live updates of the
+// status, jobs and trials while anything runs.
 "use strict";
 
 (() => {
@@ -265,6 +266,129 @@
     await drawFront();
   }
 
+  // --- trials (bayes, bomp-nas) and QBitOpt's bits over training ---------------------------------------
+  const trialsEl = document.getElementById("trials-chart");
+  const trialsSelect = document.getElementById("trials-x-metric");
+  const bitsEl = document.getElementById("bits-chart");
+  let trials = payload.trials;
+  let trialsX = null;
+  let bitsHistory = payload.bits_history;
+
+  function trialCounts(p) {
+    const words = [`${trials.points.length} measured`, `${trials.pareto_count} Pareto-optimal`];
+    if (p.failed) words.push(`${p.failed} failed`);
+    if (p.pruned) words.push(`${p.pruned} pruned`);
+    if (p.infeasible) words.push(`${p.infeasible} over budget (costed, not measured)`);
+    if (p.running) words.push(`${p.running} running`);
+    if (p.waiting) words.push(`${p.waiting} queued`);
+    return words.join(" · ");
+  }
+
+  async function drawTrials() {
+    if (!trialsEl || !trials) return;
+    const p = trials.progress;
+    document.getElementById("trials-progress").textContent =
+      `· ${p.done}${p.total != null ? ` / ${p.total}` : ""} trials finished`;
+    const counts = document.getElementById("trials-counts");
+    counts.textContent = trialCounts(p);
+    counts.dataset.failed = String(p.failed);
+    counts.dataset.pruned = String(p.pruned);
+    counts.dataset.infeasible = String(p.infeasible);
+    const keys = trials.x_metrics.map((m) => m.key);
+    const empty = !trials.points.length || !keys.length;
+    document.getElementById("trials-empty").hidden = !empty;
+    document.getElementById("trials-x-label").hidden = empty;
+    trialsEl.hidden = empty;
+    trialsEl.dataset.done = String(p.done);
+    if (empty) return;
+    if (!keys.includes(trialsX)) trialsX = keys.includes(xKey) ? xKey : trials.default_x;
+    trialsSelect.replaceChildren(
+      ...trials.x_metrics.map((m) => {
+        const option = document.createElement("option");
+        option.value = m.key;
+        option.textContent = m.title;
+        option.selected = m.key === trialsX;
+        return option;
+      }),
+    );
+    const shown = trials.points.filter((t) => t.x[trialsX] != null);
+    const trace = (points, extra) => ({
+      type: "scatter", x: points.map((t) => t.x[trialsX]), y: points.map((t) => t.score),
+      customdata: points.map((t) => t.number), hovertext: points.map((t) => t.hover), hoverinfo: "text", ...extra,
+    });
+    const best = shown.filter((t) => t.pareto).sort((a, b) => a.x[trialsX] - b.x[trialsX]);
+    const onStudyAxis = trialsX === trials.cost_metric; // the Pareto set is the study's, on its own cost
+    const costTitle = trials.x_metrics.find((m) => m.key === trials.cost_metric)?.title || trials.cost_metric;
+    await Plotly.react(
+      trialsEl,
+      [
+        trace(shown.filter((t) => !t.pareto), {
+          mode: "markers", name: "trial", meta: "trials", marker: { color: "#94a3b8", size: 7, opacity: 0.85 },
+        }),
+        trace(best, {
+          mode: onStudyAxis ? "lines+markers" : "markers", name: `Pareto-optimal (on ${costTitle})`, meta: "pareto",
+          marker: { color: COLORS.selected, size: 10, symbol: "diamond", line: { color: "#111827", width: 1 } },
+          line: { color: COLORS.selected, width: 1.2, dash: "dot", shape: trials.direction === "maximize" ? "hv" : "vh" },
+        }),
+      ],
+      {
+        height: 380,
+        margin: { l: 60, r: 14, t: 28, b: 46 },
+        hovermode: "closest",
+        legend: { orientation: "h", x: 0, y: 1.1 },
+        xaxis: { title: { text: trials.x_metrics.find((m) => m.key === trialsX)?.title || trialsX }, zeroline: false },
+        yaxis: { title: { text: trials.score_title } },
+        uirevision: trialsX,
+      },
+      CONFIG,
+    );
+    trialsEl.dataset.points = String(shown.length);
+    trialsEl.dataset.pareto = String(best.length);
+  }
+
+  async function refreshTrials() {
+    if (!trialsEl) return;
+    const response = await fetch(`/ui/api/searches/${searchId}/trials`, { credentials: "same-origin" });
+    if (!response.ok) return;
+    trials = await response.json();
+    await drawTrials();
+  }
+
+  function drawBits() {
+    if (!bitsEl) return Promise.resolve();
+    const h = bitsHistory;
+    document.getElementById("bits-empty").hidden = !!h;
+    bitsEl.hidden = !h;
+    if (!h) return Promise.resolve();
+    const values = h.bits.flat().filter((v) => v != null);
+    bitsEl.dataset.layers = String(h.layers.length);
+    bitsEl.dataset.steps = String(h.steps.length);
+    return Plotly.react(
+      bitsEl,
+      [{
+        type: "heatmap", x: h.steps, y: h.layers, z: h.bits, text: h.labels, colorscale: "Viridis",
+        zmin: Math.min(...values), zmax: Math.max(...values), xgap: 1, ygap: 1,
+        hovertemplate: "%{y} at step %{x}: %{text}<extra></extra>",
+        colorbar: { title: { text: "weight bits" }, thickness: 12, dtick: 1 },
+      }],
+      {
+        height: Math.max(220, Math.min(560, 90 + 18 * h.layers.length)),
+        margin: { l: 10, r: 10, t: 10, b: 46 },
+        yaxis: { autorange: "reversed", automargin: true, type: "category" },
+        xaxis: { title: { text: `training step (${h.changes} layer change${h.changes === 1 ? "" : "s"} over ${h.steps.length} re-allocation${h.steps.length === 1 ? "" : "s"})` } },
+      },
+      CONFIG,
+    );
+  }
+
+  async function refreshBits() {
+    if (!bitsEl) return;
+    const response = await fetch(`/ui/api/searches/${searchId}/bits-history`, { credentials: "same-origin" });
+    if (!response.ok) return;
+    bitsHistory = await response.json();
+    await drawBits();
+  }
+
   // --- live status -------------------------------------------------------------------------------------
   let polling = false;
   let signature = payload.signature;
@@ -273,6 +397,7 @@
     const html = await Dash.fetchFragment(document.getElementById("status-area").dataset.url);
     if (!html) return true;
     Dash.swapFragments(html);
+    await Promise.all([refreshTrials(), refreshBits()]); // trials and re-allocations as they happen
     const summary = document.getElementById("search-summary");
     if (summary.dataset.signature !== signature) {
       signature = summary.dataset.signature;
@@ -321,8 +446,16 @@
 
   xSelect.addEventListener("change", async () => {
     xKey = xSelect.value;
-    await Promise.all([drawFront(), drawAllocation()]);
+    if (trials && trials.x_metrics.some((m) => m.key === xKey)) trialsX = xKey; // one cost axis for both
+    await Promise.all([drawFront(), drawAllocation(), drawTrials()]);
   });
+
+  if (trialsSelect) {
+    trialsSelect.addEventListener("change", async () => {
+      trialsX = trialsSelect.value;
+      await drawTrials();
+    });
+  }
 
   async function init() {
     performance.mark("dashboard-init");
@@ -332,6 +465,7 @@
       drawn.push(selectPoint(payload.allocation.point, payload.allocation, false).then(() => performance.mark("allocation-drawn")));
     }
     drawn.push(drawFront().then(() => performance.mark("front-drawn")));
+    drawn.push(drawTrials(), drawBits());
     await Promise.all(drawn);
     // When the charts are on screen (read by the page-load benchmark).
     window.dashboardRenderedAt = performance.now();
