@@ -71,7 +71,13 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--no-multi", action="store_true", help="skip the bpw + activation-memory case")
     ap.add_argument("--out", default="llm_schemes")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated result names (runs of this script, e.g. one per method run side by side) to "
+                         "merge into --out instead of running")
     args = ap.parse_args()
+    if args.merge:
+        merge([n for n in args.merge.split(",") if n], args.out)
+        return
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]])}
@@ -215,6 +221,56 @@ def main() -> None:
     print(render(out))
 
 
+def merge(names: list[str], out_name: str) -> None:
+    """One result from several runs on the same data (their uniform rows must agree): mixed and multi rows
+    concatenated, every command kept."""
+    import json
+
+    runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    first = runs[0]
+    for r in runs[1:]:
+        if r["fp32"] != first["fp32"] or {s: u["perplexity"] for s, u in r["uniform"].items()} != {
+            s: u["perplexity"] for s, u in first["uniform"].items()
+        }:
+            raise SystemExit("the runs to merge were not measured on the same data")
+    out = {**first, "command": "`; `".join(r["command"] for r in runs), "mixed": [], "multi": []}
+    nlls: dict[str, np.ndarray] = {}
+    for n, r in zip(names, runs):
+        out["mixed"] += r.get("mixed", [])
+        multi = r.get("multi")
+        out["multi"] += [multi] if isinstance(multi, dict) else (multi or [])
+        path = RESULTS / f"{n}_nll.npz"
+        if path.exists():
+            with np.load(path) as z:
+                nlls.update({k: z[k] for k in z.files})
+    out["noise_floor"] = noise_floor(out, nlls)
+    np.savez(RESULTS / f"{out_name}_nll.npz", **nlls)
+    save(out, out_name, render)
+
+
+def noise_floor(o: dict, nlls: dict[str, np.ndarray]) -> list[dict]:
+    """Per mixed row: the mean per-sequence NLL change that closing 50 % of the gap needs, against the smallest
+    change the one-sided 95 % paired test can detect with n sequences (1.645 · sd(paired differences) / √n),
+    sd taken from the mixed allocation the search tested (its contender, else its recommendation) against the
+    best uniform that fits, on the report windows."""
+    rows = []
+    for r in o.get("mixed", []):
+        key = f"{r['method']}_{r['budget']}"
+        mixed = nlls.get(key + "_contender", nlls.get(key))
+        base = nlls.get(r["best_fit"])
+        if mixed is None or base is None:
+            continue
+        below, above = o["uniform"][r["best_fit"]]["perplexity"], o["uniform"][r["above"]]["perplexity"]
+        need = float(np.log(below - 0.5 * (below - above)) - np.log(below))
+        d = mixed - base
+        n_sel = (r.get("selection_test") or {}).get("n") or len(d)
+        rows.append({"method": r["method"], "budget": r["budget"], "best_fit": r["best_fit"], "above": r["above"],
+                     "needed_dnll": need, "sd_paired": float(d.std(ddof=1)), "n_selection": n_sel,
+                     "detectable_dnll": float(1.645 * d.std(ddof=1) / np.sqrt(n_sel)),
+                     "tested_dnll_report": float(d.mean())})
+    return rows
+
+
 def render(o: dict) -> str:
     lines = [f"Command: `{o['command']}`. Machine: {o['machine']}. Loaded: other jobs shared the 2 cores, so wall "
              "seconds are upper bounds; CPU seconds are fairer.", "",
@@ -267,6 +323,17 @@ def render(o: dict) -> str:
         rf = r["costs"].get("refine", {})
         lines.append(f"* {r.get('method', 'measured')}, bpw ≤ {r['budget']}: {r['chosen']}; refine: "
                      f"{rf.get('stopped', rf.get('skipped', '–'))}; window passes {r.get('window_passes', {})}")
+    nf = o.get("noise_floor") or []
+    if nf:
+        lines += ["", "Noise floor of the paired test (per-sequence NLL, nats/token averaged per sequence): what closing "
+                  "50 % of the gap needs, against the smallest mean change the one-sided 95 % test on n selection "
+                  "sequences can detect (1.645 · sd / √n, sd of the paired differences mixed − best fit measured on "
+                  "the report windows), and the tested mixed allocation's own change on the report windows:", "",
+                  "| method | budget | best fit / next better | Δ NLL for 50 % | detectable Δ NLL (n) | tested mixed Δ NLL |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for f in nf:
+            lines.append(f"| {f['method']} | {f['budget']} | {f['best_fit']} / {f['above']} | {f['needed_dnll']:+.4f} | "
+                         f"{-f['detectable_dnll']:+.4f} ({f['n_selection']}) | {f['tested_dnll_report']:+.4f} |")
     multi = o.get("multi")
     for mu in ([multi] if isinstance(multi, dict) else multi or []):
         lines += ["", (f"Multi-budget, {mu.get('method', 'measured')} (bpw ≤ {mu['bpw_limit']}, peak activation memory ≤ "
