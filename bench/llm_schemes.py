@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--no-multi", action="store_true", help="skip the bpw + activation-memory case")
     ap.add_argument("--out", default="llm_schemes")
+    ap.add_argument("--uniform-from", default=None, help="reuse the uniform rows of an earlier run (result name)")
     ap.add_argument("--merge", default=None,
                     help="comma-separated result names (runs of this script, e.g. one per method run side by side) to "
                          "merge into --out instead of running")
@@ -105,7 +106,15 @@ def main() -> None:
 
     # --- uniform schemes ------------------------------------------------------------------------------------
     uniform: dict[str, dict] = {}
-    for s in SCHEMES:
+    if args.uniform_from:  # the same uniform rows from an earlier run on the same data (checked: FP32 figures)
+        import json
+
+        prev = json.loads((RESULTS / f"{args.uniform_from}.json").read_text())
+        if abs(prev["fp32"]["perplexity"] - fp.perplexity) > 1e-9:
+            raise SystemExit("--uniform-from: that run was not measured on the same report windows")
+        with np.load(RESULTS / f"{args.uniform_from}_nll.npz") as z:
+            uniform = {s: {**prev["uniform"][s], "nll": z[s]} for s in SCHEMES}
+    for s in SCHEMES if not uniform else ():
         m = measure(Allocation.uniform(names, LayerBits.of(s)))
         m["bpw"] = cost.uniform(LayerBits.of(s)).bpw
         uniform[s] = m
