@@ -157,7 +157,7 @@ class SearchOptions(Strict):
         max_length=20,
         description="Named weight schemes a layer may take besides `weight_bits` (quant.formats), e.g. "
                     "'int4-g128', 'int4-g128-asym', 'fp8-e4m3', 'mxfp4', 'nvfp4'; each combined with every "
-                    "activation option. Priced by sensitivity methods that support schemes (measured).",
+                    "activation option. Priced by sensitivity methods that support schemes (measured, fisher, hessian).",
     )
     activation_bits: list[int] = Field(
         default=[32],

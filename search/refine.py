@@ -23,6 +23,13 @@ KL to FP32 needs no labels, so the tuning data can be the calibration data: the 
 guard (they can reject a move, never propose one), which keeps the later paired test on them nearly free of
 selection bias. Works for weight and activation bits alike (an option's activation bits are one more axis
 of steps).
+
+Language models (token data, `zoo.tokens`): the KL is the mean per-token KL over the tuning windows' target
+tokens and the guard is the mean per-sequence NLL (log-perplexity) on the selection windows, the metric the
+paired selection ranks them by (`_TokenObjective`). When the options are named weight schemes, which share
+element widths, a step follows the variable's weight storage including scales (`_scheme_neighbours`). The
+prefix cache holds for decoder blocks too: a move of a layer in block i replays the cached embeddings, the
+rotary tables, blocks < i and the modules of block i that ran before that layer, and re-runs the rest.
 """
 
 from __future__ import annotations
@@ -101,7 +108,7 @@ class RefineResult:
     steps: list[dict[str, Any]]  # kept moves, in order
     kl_start: float  # mean KL to FP32 on the tuning data
     kl_end: float
-    guard_metric: str | None  # "top1" / "agreement" on the guard data, or None without guard data
+    guard_metric: str | None  # "top1" / "agreement" ("loss" for token data) on the guard data, or None
     guard_start: float | None
     guard_end: float | None
     cost: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +152,112 @@ def _neighbours(problem: AllocationProblem, g: int, j: int) -> list[int]:
     return out
 
 
+#: Relative tolerance under which two options' weight storage counts as the same cost level.
+_COST_RTOL = 1e-9
+
+
+def _has_schemes(problem: AllocationProblem) -> bool:
+    """Whether the problem's options include named weight schemes (int-g, FP8, MXFP4, NVFP4...)."""
+    return any(o.scheme is not None for o in problem.options)
+
+
+def _scheme_neighbours(problem: AllocationProblem, g: int, j: int) -> list[int]:
+    """Allowed options one step from option j for variable g when the options are weight *schemes*.
+
+    Schemes share element widths (int4-g128, int4-g64, MXFP4, NVFP4 all store 4-bit elements), so "one step"
+    in weight bits is not defined by `weight_bits`: the options at the same activation bits are ordered by
+    the variable's weight storage (`costs["weight_memory"]`, scales and zero points included, i.e. its bpw),
+    and a step goes to every option at the nearest cost level above, at the nearest level below, and to the
+    other options at the current level (e.g. int4-g64 ↔ MXFP4, both 4.25 bpw). Activation steps are as in
+    `_neighbours`: the next activation bits up/down with the same weight scheme.
+    """
+    opts = problem.options
+    cur = opts[j]
+    allowed = [k for k in range(len(opts)) if problem.allowed[g, k] and k != j]
+    storage = problem.costs["weight_memory"][g]
+    here = float(storage[j])
+
+    def level(k: int) -> int:  # -1 below, 0 same, +1 above the current storage
+        d = float(storage[k]) - here
+        return 0 if abs(d) <= _COST_RTOL * max(abs(here), 1.0) else (1 if d > 0 else -1)
+
+    same_act = [k for k in allowed if opts[k].activation_bits == cur.activation_bits]
+    out = [k for k in same_act if level(k) == 0]
+    up = [k for k in same_act if level(k) > 0]
+    down = [k for k in same_act if level(k) < 0]
+    if up:
+        lo = min(float(storage[k]) for k in up)
+        out += [k for k in up if float(storage[k]) <= lo * (1 + _COST_RTOL)]
+    if down:
+        hi = max(float(storage[k]) for k in down)
+        out += [k for k in down if float(storage[k]) >= hi * (1 - _COST_RTOL)]
+    same_weights = [
+        k
+        for k in allowed
+        if (opts[k].weight_bits, opts[k].weight_quantizer, opts[k].scheme)
+        == (cur.weight_bits, cur.weight_quantizer, cur.scheme)
+        and opts[k].activation_bits != cur.activation_bits
+    ]
+    act_up = [k for k in same_weights if opts[k].activation_bits > cur.activation_bits]
+    act_down = [k for k in same_weights if opts[k].activation_bits < cur.activation_bits]
+    if act_up:
+        out.append(min(act_up, key=lambda k: opts[k].activation_bits))
+    if act_down:
+        out.append(max(act_down, key=lambda k: opts[k].activation_bits))
+    return out
+
+
+def _guard_worse(metric: str | None, new: float, current: float) -> bool:
+    """Whether the guard metric got worse: larger is better for top-1/agreement, smaller for "loss"."""
+    return new > current if metric == "loss" else new < current
+
+
+@dataclass
+class _TokenObjective:
+    """The refinement's figures on token data (a causal language model's next-token logits, N×vocab×(T−1)).
+
+    Objective: the mean per-token KL(FP ‖ quantized) over the target tokens of the tuning windows. Each
+    sequence's mean KL over its target tokens is weighted by its share of tokens (`weights`, mean 1), so the
+    mean over sequences is the mean over tokens even when padding shortens some windows. Guard: the mean
+    per-sequence NLL on the guard (selection) windows, the ranking metric the paired selection uses for
+    language models (`search.selection`, "loss": smaller is better).
+    """
+
+    targets: torch.Tensor  # (N, T−1) next-token targets of the tuning data, IGNORE at padding
+    weights: torch.Tensor  # (N,) float64: target tokens of each sequence / their mean
+    guard_metric: str = "loss"
+
+    @classmethod
+    def of(cls, tune: Any, guard: Any) -> _TokenObjective | None:
+        from zoo.tokens import IGNORE, is_token_data
+
+        if not is_token_data(tune):
+            if guard is not None and is_token_data(guard):
+                raise BitsearchError("refine: the guard data are token ids but the tuning data are not")
+            return None
+        if guard is not None and not is_token_data(guard):
+            raise BitsearchError("refine: the tuning data are token ids but the guard data are not")
+        if guard is not None and guard.y is None:
+            raise BitsearchError("refine: the guard token data have no next-token targets")
+        x = tune.x
+        y = tune.y if tune.y is not None else torch.where(x[:, 1:] >= 0, x[:, 1:], torch.full_like(x[:, 1:], IGNORE))
+        counts = (y != IGNORE).sum(1).double()
+        if not bool((counts > 0).any()):
+            raise BitsearchError("refine: the tuning token data have no target token")
+        return cls(y, counts / counts.mean())
+
+    def item_kl(self, logits: torch.Tensor, ref_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Per-sequence KL of the tuning rows `rows`, token-weighted (their mean is the per-token mean)."""
+        from sensitivity.measured import per_sample_metric
+
+        per = per_sample_metric(logits, ref_logits, self.targets[rows], "kl")
+        return per * self.weights[rows]
+
+    @staticmethod
+    def guard_value(result: Any) -> float:
+        return float(result.per_sample["ce"].mean())
+
+
 def refine(
     problem: AllocationProblem,
     start: Allocation | np.ndarray,
@@ -165,6 +278,7 @@ def refine(
     from quant.apply import QuantConfig, collect_statistics, needs_calibration, set_allocation, wrap_model
     from sensitivity.measured import PrefixCache, _logits, per_sample_metric
     from zoo.evaluate import evaluate, predict
+    from zoo.lm_eval import predict_tokens
 
     from zoo.data import as_dataset
 
@@ -199,10 +313,12 @@ def refine(
     passes += 1.0
     ref_guard = None
     guard_metric = None
+    tokens = _TokenObjective.of(tune, guard)  # None for classifiers
+    step_options = _scheme_neighbours if _has_schemes(problem) else _neighbours
     if guard is not None:
         ref_guard = evaluate(model, guard).logits
         passes += len(guard) / n_tune
-        guard_metric = "top1" if guard.y is not None else "agreement"
+        guard_metric = tokens.guard_metric if tokens else "top1" if guard.y is not None else "agreement"
 
     def alloc_of(c: np.ndarray) -> Allocation:
         return Allocation({n: problem.options[k] for n, k in zip(problem.layer_names, c.tolist())})
@@ -211,9 +327,12 @@ def refine(
         """Per-item KL on the tuning data of allocation c (one full pass)."""
         nonlocal passes
         set_allocation(qmodel, alloc_of(c))
-        logits = predict(qmodel, tune, cfg.batch_size)
+        if tokens:
+            per = tokens.item_kl(predict_tokens(qmodel, tune, cfg.batch_size), ref_tune, slice(None))
+        else:
+            logits = predict(qmodel, tune, cfg.batch_size)
+            per = per_sample_metric(logits, ref_tune, None, "kl")  # as the moves below are measured
         passes += 1.0
-        per = per_sample_metric(logits, ref_tune, None, "kl")  # as the moves below are measured
         return per, float(per.mean())
 
     def guard_value(c: np.ndarray) -> float | None:
@@ -223,6 +342,8 @@ def refine(
         set_allocation(qmodel, alloc_of(c))
         r = evaluate(qmodel, guard, reference_logits=ref_guard)
         passes += len(guard) / n_tune
+        if tokens:
+            return tokens.guard_value(r)
         return float(r.top1 if guard_metric == "top1" else r.agreement)
 
     layers = problem.table.layers
@@ -250,7 +371,7 @@ def refine(
         vc = var_choice(choice)
         # 1. one-step moves of every variable, measured with the others at their current options
         moves: list[tuple[int, int, float]] = []  # (variable, option, mean ΔKL)
-        planned = [(g, _neighbours(problem, g, int(vc[g]))) for g in range(problem.n_vars)]
+        planned = [(g, step_options(problem, g, int(vc[g]))) for g in range(problem.n_vars)]
         cost_round = sum(
             macs_before[first_layer[g]] * (1 if nb else 0) + (1 - macs_before[first_layer[g]]) * len(nb)
             for g, nb in planned
@@ -275,7 +396,11 @@ def refine(
                         q.set_bits(problem.options[k])
                     with torch.no_grad():
                         out = qmodel(xb) if cache is None else cacher.replay(xb, cache)
-                    per = per_sample_metric(_logits(out), ref_batches[b], None, "kl")
+                    if tokens:
+                        rows = slice(b * cfg.batch_size, b * cfg.batch_size + len(xb))
+                        per = tokens.item_kl(_logits(out), ref_batches[b], rows)
+                    else:
+                        per = per_sample_metric(_logits(out), ref_batches[b], None, "kl")
                     deltas[m].append(per)
                 for q in members:
                     q.set_bits(current_bits)
@@ -325,11 +450,13 @@ def refine(
             for g, k in mv:
                 c[g] = k
             new_choice = problem.expand(c)
+            if not problem.feasible(new_choice):  # fits alone, but not with a move kept earlier this round
+                continue
             new_base, new_kl = full(new_choice)
             if not new_kl < kl:
                 continue
             new_guard = guard_value(new_choice)
-            if g_cur is not None and new_guard is not None and new_guard < g_cur:
+            if g_cur is not None and new_guard is not None and _guard_worse(guard_metric, new_guard, g_cur):
                 continue
             steps.append(
                 {

@@ -597,14 +597,8 @@ def recommend_with_evidence(
                 label="solver",
             )
             extra.append(start)
-        from zoo.tokens import is_token_data
-
-        token_data = calibration is not None and is_token_data(calibration)
-        if settings.enabled and token_data:
-            # The refinement's prefix-cached moves measure per-item KL of classifier logits; per-token KL of a
-            # language model is not wired in yet, so its solver point is kept as it is (and said).
-            costs["refine"] = {"skipped": "refinement does not measure token data yet; the solver's point is kept"}
-        if settings.enabled and calibration is not None and not token_data:
+        # Token data too: refine then measures per-token KL and guards on per-sequence NLL (search.refine).
+        if settings.enabled and calibration is not None:
             r = refine(
                 at,
                 start.allocation,

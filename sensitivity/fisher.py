@@ -7,7 +7,8 @@ Fisher in place of the Hessian, per sample n (ℓ_n: the sample's cross-entropy)
     activations:  A_l(a) = ½ · 1/N Σ_n Σ_j (∂ℓ_n/∂x_l,n,j)² · Δx_l,n,j(a)²
 
 with F = 1/N Σ_n g_n ⊙ g_n the empirical Fisher diagonal from **per-sample** gradients (not per-batch),
-ΔW(b) = Q_b(W) − W from the layer's deployed weight quantizer and Δx(a) = Q_a(x) − x the quantization noise
+ΔW(b) = Q_b(W) − W from the layer's deployed weight quantizer (for a named scheme — int-g, FP8, MXFP4,
+NVFP4 — that scheme's own quantize-dequantize: its grid, groups and scales) and Δx(a) = Q_a(x) − x the quantization noise
 of the layer's own input x (the float model's activation), with the input quantizer calibrated exactly as
 `QuantizedLayer` calibrates it (`wrap_model` + `collect_statistics` on the sensitivity data, `set_bits`).
 The activation term pairs each sample's squared input gradient with that sample's own noise.
@@ -40,6 +41,9 @@ from .plumbing import (
     only_weights_require_grad,
     quantizer_wrappers,
     weight_error,
+    weight_key,
+    weight_option,
+    weight_options,
 )
 from .table import SensitivityTable
 
@@ -49,15 +53,17 @@ class FisherMethod(SensitivityMethod):
     """Diagonal empirical Fisher × squared quantization noise, for weights and input activations."""
 
     name = "fisher"
+    supports_schemes = True  # ΔW = Q(W) − W from each option's own quantize-dequantize (schemes included)
     covers_activations = True
     needs_labels = False
 
     def compute(self, ctx: SensitivityContext) -> SensitivityTable:
         opts = ctx.options
-        wbits, abits = list(opts.weight_bits), list(opts.activation_bits)
+        # Weight options: the config's integer bits and named schemes alike (each with its own ΔW).
+        wbits, abits = weight_options(opts.options), list(opts.activation_bits)
         int_acts = any(not is_float_bits(a) for a in abits)
         need_stats = int_acts or (
-            opts.quant.weight_clip in DATA_CLIPS and any(not is_float_bits(b) for b in wbits)
+            opts.quant.weight_clip in DATA_CLIPS and any(not is_float_bits(b.weight_bits) for b in wbits)
         )
         ctx.progress(0.0, "calibrating quantizers")
         wrappers = quantizer_wrappers(ctx, need_stats)
@@ -72,7 +78,7 @@ class FisherMethod(SensitivityMethod):
             q = wrappers[name]
             errs = [weight_error(q, b).flatten().double() for b in wbits]
             dw2[name] = torch.stack(errs).pow(2)
-            noise_sq[name] = {str(b): float(e.pow(2).sum()) for b, e in zip(wbits, errs)}
+            noise_sq[name] = {weight_key(b): float(e.pow(2).sum()) for b, e in zip(wbits, errs)}
             quants = []
             for a in abits:
                 q.set_bits(LayerBits(32, a))
@@ -135,10 +141,10 @@ class FisherMethod(SensitivityMethod):
         for i, name in enumerate(names):
             W = torch.cat(w_parts[name]).numpy()  # (N, n_w)
             A = torch.cat(a_parts[name]).numpy()  # (N, n_a)
-            w_mean[name] = {str(b): float(W[:, widx[b]].mean()) for b in wbits}
+            w_mean[name] = {weight_key(b): float(W[:, widx[b]].mean()) for b in wbits}
             a_mean[name] = {str(a): float(A[:, aidx[a]].mean()) for a in abits}
             for j, o in enumerate(options):
-                per_sample = W[:, widx[o.weight_bits]] + A[:, aidx[o.activation_bits]]
+                per_sample = W[:, widx[weight_option(o)]] + A[:, aidx[o.activation_bits]]
                 values[i, j] = per_sample.mean()
                 stderr[i, j] = (
                     per_sample.std(ddof=1) / math.sqrt(len(per_sample)) if len(per_sample) > 1 else np.nan

@@ -1,6 +1,7 @@
 """`hessian`: HAWQ-V2/V3 sensitivity from per-layer Hessian traces.
 
-For layer l with n_l weights and the weight error ΔW_l(b) = Q_b(W_l) − W_l of its deployed quantizer,
+For layer l with n_l weights and the weight error ΔW_l(b) = Q_b(W_l) − W_l of its deployed quantizer (for a
+named scheme — int-g, FP8, MXFP4, NVFP4 — that scheme's own quantize-dequantize: its grid, groups, scales),
 
     value(l, b) = ½ · Tr(H_l) / n_l · ‖ΔW_l(b)‖²
 
@@ -73,7 +74,9 @@ from .plumbing import (  # noqa: F401  (public here too: the hessian method's bu
     only_weights_require_grad,
     quantizer_wrappers,
     weight_error,
+    weight_key,
     weight_noise_sq,
+    weight_option,
 )
 from .table import SensitivityTable
 from .traces import TraceResult, _rademacher, gauss_newton_traces, hutchinson_traces  # noqa: F401
@@ -214,6 +217,7 @@ class HessianMethod(SensitivityMethod):
     """HAWQ-V2/V3 Hessian-trace sensitivity (weights only); see the module docstring."""
 
     name = "hessian"
+    supports_schemes = True  # ΔW = Q(W) − W from each option's own quantize-dequantize (schemes included)
     covers_activations = False
     needs_labels = False
 
@@ -342,8 +346,8 @@ class HessianMethod(SensitivityMethod):
             t, se = res.trace[j] / layer.params, res.stderr[j] / layer.params
             per_param[layer.name] = float(t)
             for k, o in enumerate(options):
-                values[i, k] = 0.5 * t * noise[layer.name][o.weight_bits]
-                stderr[i, k] = 0.5 * se * noise[layer.name][o.weight_bits]
+                values[i, k] = 0.5 * t * noise[layer.name][weight_option(o)]
+                stderr[i, k] = 0.5 * se * noise[layer.name][weight_option(o)]
         progress(1.0, "done")
         estimator_name = res.estimator
         labels = "given" if given else "float model argmax"
@@ -364,7 +368,7 @@ class HessianMethod(SensitivityMethod):
             "trace": res.as_dict(),
             "trace_stderr": {n: float(s) for n, s in zip(res.names, res.stderr)},
             "trace_per_param": per_param,
-            "weight_noise_sq": {n: {str(b): v for b, v in d.items()} for n, d in noise.items()},
+            "weight_noise_sq": {n: {weight_key(b): v for b, v in d.items()} for n, d in noise.items()},
             "probes": res.probes,
             "gn_check": check,
         }

@@ -291,10 +291,31 @@ def quantizer_wrappers(ctx: SensitivityContext, statistics: bool) -> dict[str, Q
     return wrappers
 
 
+def weight_option(option: LayerBits | int) -> LayerBits:
+    """The weight half of an option (activations float): all that its weight error depends on. An int is
+    integer bits by the `QuantConfig`; a `LayerBits` keeps its scheme (int-g, FP8, MXFP4, NVFP4, ternary...)."""
+    if isinstance(option, LayerBits):
+        return LayerBits(option.weight_bits, 32, option.weight_quantizer, option.scheme)
+    return LayerBits(option, 32)
+
+
+def weight_options(options: Sequence[LayerBits]) -> list[LayerBits]:
+    """The distinct weight options of `options`, in order."""
+    return list(dict.fromkeys(weight_option(o) for o in options))
+
+
+def weight_key(option: LayerBits) -> str:
+    """How a weight option is named in a table's `extra`: "4" for the config's 4-bit integers (as before
+    schemes), else the scheme's name ("int4-g128", "nvfp4", "ternary")."""
+    plain = option.scheme is None and option.weight_quantizer is None
+    return str(option.weight_bits) if plain else option.scheme_name
+
+
 @torch.no_grad()
-def weight_error(q: QuantizedLayer, bits: int) -> torch.Tensor:
-    """Q_b(W) − W as `QuantizedLayer.set_bits` realises `bits` weight bits (float32 activations)."""
-    q.set_bits(LayerBits(bits, 32))
+def weight_error(q: QuantizedLayer, bits: int | LayerBits) -> torch.Tensor:
+    """Q(W) − W as `QuantizedLayer.set_bits` realises the weight option `bits` (float32 activations): an int
+    is integer bits by the `QuantConfig`, a `LayerBits` may name a scheme (its own grid, groups and scales)."""
+    q.set_bits(weight_option(bits))
     w = q.layer.weight.detach()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # stochastic rounding, if configured, is then reproducible
@@ -303,15 +324,18 @@ def weight_error(q: QuantizedLayer, bits: int) -> torch.Tensor:
 
 def weight_noise_sq(
     ctx: SensitivityContext, progress: Progress = _no_progress
-) -> dict[str, dict[int, float]]:
-    """‖Q_b(W_l) − W_l‖² for every layer and weight-bit option of the context."""
-    bits = ctx.options.weight_bits
-    need_stats = ctx.options.quant.weight_clip in DATA_CLIPS and any(not is_float_bits(b) for b in bits)
+) -> dict[str, dict[LayerBits, float]]:
+    """‖Q(W_l) − W_l‖² for every layer and weight option of the context (schemes included), keyed by
+    `weight_option`."""
+    wopts = weight_options(ctx.options.options)
+    need_stats = ctx.options.quant.weight_clip in DATA_CLIPS and any(
+        not is_float_bits(o.weight_bits) for o in wopts
+    )
     wrappers = quantizer_wrappers(ctx, need_stats)
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[LayerBits, float]] = {}
     for i, layer in enumerate(ctx.layers):
         q = wrappers[layer.name]
-        out[layer.name] = {b: float(weight_error(q, b).double().pow(2).sum()) for b in bits}
+        out[layer.name] = {o: float(weight_error(q, o).double().pow(2).sum()) for o in wopts}
         progress((i + 1) / len(ctx.layers), f"weight quantization error: {layer.name}")
     return out
 

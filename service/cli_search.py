@@ -158,7 +158,7 @@ def search(
     activation_bits: str = typer.Option(_bits_csv(SPEC["options.activation_bits"]), "--activation-bits"),
     schemes: str = typer.Option(",".join(SPEC["options.schemes"]), "--schemes",
                                 help="Comma-separated weight schemes besides --weight-bits (int4-g128, mxfp4, nvfp4, "
-                                     "fp8-e4m3, ...); --weight-bits none for schemes only. Needs --method measured."),
+                                     "fp8-e4m3, ...); --weight-bits none for schemes only. Priced by --method measured, fisher or hessian."),
     keep_first_last: bool = typer.Option(SPEC["options.keep_first_last"], "--keep-first-last", help="Pin the first and last layer at W8A8."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Weight clipping used to realise every option (default: QuantConfig's)."),
     samples: int = typer.Option(SPEC["sensitivity.samples"], "--samples", min=1, help="Data items the sensitivity method may use."),

@@ -389,7 +389,7 @@ def test_sensitivity_options_carry_schemes_and_measured_prices_them():
     assert table.options == opts.options
     assert table.values.shape == (2, 3) and (table.values == table.values).all()
     with pytest.raises(BitsearchError, match="prices integer bit-widths only"):
-        compute_sensitivity(model, x, "fisher", opts)
+        compute_sensitivity(model, x, "orthogonality", opts)
     with pytest.raises(BitsearchError, match="unknown weight scheme 'int5-fp'"):
         SensitivityOptions(schemes=("int5-fp",))
 

@@ -59,7 +59,10 @@ def test_a_search_over_schemes_meets_a_bpw_budget(trained):
 def test_schemes_with_a_method_that_cannot_price_them_are_refused_in_the_spec():
     with pytest.raises(BitsearchError, match="prices integer bit-widths only"):
         SearchSpec.parse({"model": "zoo:digits-mlp", "options": {"schemes": ["nvfp4"]},
-                          "sensitivity": {"method": "fisher"}})
+                          "sensitivity": {"method": "orthogonality"}})
+    for method in ("fisher", "hessian", "measured"):  # ΔW from each scheme's own quantize-dequantize
+        SearchSpec.parse({"model": "zoo:digits-mlp", "options": {"schemes": ["nvfp4"]},
+                          "sensitivity": {"method": method}})
     with pytest.raises(BitsearchError, match="schemes"):
         SearchSpec.parse({"model": "zoo:digits-mlp", "options": {"schemes": ["int4-g7"]},
                           "sensitivity": {"method": "measured"}})
