@@ -700,7 +700,9 @@ class BayesSolver(Solver):
         study, _ = load_fanout_study(fan.storage, self.study_name)
         try:
             if self.warm_start and not study.get_trials(deepcopy=False):
-                self._warm_start(study, problem, space, metric, warm_limits)
+                with warnings.catch_warnings():  # enqueueing on a heartbeat storage: Optuna only warns
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    self._warm_start(study, problem, space, metric, warm_limits)
         finally:
             _dispose_study(study)
         self.trial_jobs = []
