@@ -23,6 +23,8 @@ from tests.test_api import _fresh_settings, api, db_url, settings, sf, submit  #
 
 BODY = {"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]}, "calib_size": 64,
         "budgets": [{"metric": "avg_weight_bits", "value": 6}], "pareto_points": 2,
+        # refinement is not what these tests are about (and it can step over this budget: search/refine.py)
+        "refine": False,
         # far more trials than the test lets run: it is cancelled once trials ran on two workers
         "solver": {"name": "bayes", "settings": {"n_trials": 5000, "workers": 3}}}
 BIN = Path(sys.executable).parent / "bitsearch"
@@ -41,6 +43,13 @@ def _wait(pred, timeout: float, what: str):
 def _trial_jobs(sf) -> list[Job]:  # noqa: F811
     with sf() as s:
         return list(s.scalars(select(Job).where(Job.kind == "study-trials").order_by(Job.created_at)))
+
+
+def _sqlite_only(url: str) -> None:
+    # The study code is the same on PostgreSQL (tests/test_trials.py runs it there); these worker start-ups
+    # are too slow to pay twice.
+    if not url.startswith("sqlite"):
+        pytest.skip("run on SQLite only: the fan-out storage on PostgreSQL is tested in tests/test_trials.py")
 
 
 def _cancel_mid_study(api, sf, url: str):  # noqa: F811
@@ -84,6 +93,7 @@ def test_cancelling_a_search_cancels_its_trial_jobs_local(api, sf, monkeypatch):
     from service.jobs.local import work_loop
 
     url = db_url(sf)
+    _sqlite_only(url)
     monkeypatch.setenv("BITSEARCH_DATABASE_URL", url)
     monkeypatch.setenv("BITSEARCH_HEARTBEAT_INTERVAL", "0.2")
     monkeypatch.setenv("BITSEARCH_POLL_INTERVAL", "0.05")
@@ -106,6 +116,7 @@ def test_cancelling_a_search_cancels_its_trial_jobs_local(api, sf, monkeypatch):
 @pytest.mark.skipif(not os.environ.get("BITSEARCH_TEST_REDIS_URL"), reason="BITSEARCH_TEST_REDIS_URL is not set")
 def test_cancelling_a_search_cancels_its_trial_jobs_celery(api, sf, settings, monkeypatch, tmp_path):  # noqa: F811
     url = db_url(sf)
+    _sqlite_only(url)
     # A Redis database of its own: searches and trials go to the shared "cpu" queue, which other Celery workers
     # on the test Redis may serve (they would take these messages and find no such job in their database).
     broker = os.environ["BITSEARCH_TEST_REDIS_URL"].rsplit("/", 1)[0] + "/14"
@@ -133,3 +144,59 @@ def test_cancelling_a_search_cancels_its_trial_jobs_celery(api, sf, settings, mo
                 os.killpg(w.pid, signal.SIGKILL)
     _check_cancelled(search_id, trials, jobs, url)
     assert all(j.worker_id is None or j.worker_id.startswith("celery:") for j in jobs)
+
+
+@pytest.mark.slow
+def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noqa: F811
+    """The worker running a bayes search is SIGKILLed mid-study (the service goes down); a new worker (the
+    service restarted) re-runs the search's job, which resumes the same study: the trials finished before the
+    crash are kept, the trial that was running is re-run once, and the study ends at exactly n_trials."""
+    url = db_url(sf)
+    _sqlite_only(url)
+    client, h, _ = api
+    body = {**BODY, "solver": {"name": "bayes", "settings": {"n_trials": 24, "workers": 1}}}
+    acc = submit(client, h, body)
+    env = {**os.environ, "BITSEARCH_DATABASE_URL": url, "BITSEARCH_DATA_DIR": str(tmp_path / "worker"),
+           "BITSEARCH_HEARTBEAT_INTERVAL": "0.5", "BITSEARCH_STALE_AFTER": "4", "BITSEARCH_POLL_INTERVAL": "0.2",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("BITSEARCH_BROKER_URL", None)
+    first = subprocess.Popen([str(BIN), "worker", "--queues", "cpu"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: sum(t.state == "COMPLETE" for t in search_trials(acc["id"], url)) >= 4, 240,
+              "trials of the first attempt")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = {t.number: t for t in search_trials(acc["id"], url)}
+    log = open(tmp_path / "second-worker.log", "w")
+    second = subprocess.Popen([str(BIN), "worker", "--queues", "cpu", "--max-jobs", "1"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        got = _wait(lambda: (g := client.get(acc["url"], headers=h).json())["status"] in
+                    ("succeeded", "failed") and g, 300, "the resumed search")
+    finally:
+        try:
+            os.killpg(second.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        second.wait(30)
+        log.close()
+    assert got["status"] == "succeeded", (got.get("error"), (tmp_path / "second-worker.log").read_text()[-3000:])
+    job = job_repo.get(sf, acc["job_id"])
+    assert job.attempts == 2
+    trials = search_trials(acc["id"], url)
+    done = [t for t in trials if t.state == "COMPLETE"]
+    assert len(done) == 24  # exactly n_trials lineages: none lost, none counted twice
+    for n, t in before.items():  # what the first attempt finished is kept as it was
+        if t.state == "COMPLETE":
+            assert trials[n].state == "COMPLETE" and trials[n].worker == t.worker
+            assert t.worker == f"job-{acc['job_id']}-1"
+    lost = [t for t in before.values() if t.state == "RUNNING"]
+    for t in lost:  # failed as stale once, re-run once with the same allocation
+        assert trials[t.number].state == "FAIL"
+        assert [r.worker for r in trials if r.retry_of == t.number] == [f"job-{acc['job_id']}-2"]
+    assert any(t.worker == f"job-{acc['job_id']}-2" for t in done)
+    assert client.get(f"/searches/{acc['id']}/pareto", headers=h).json()["points"]
