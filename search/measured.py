@@ -336,8 +336,9 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
                                     ctx.get("storage"), ctx.get("study"),
                                     progress=lambda f, m: progress(0.5 + 0.05 * f, m))
         fan = None
-        if ctx.get("storage") and ctx.get("scorer_ref") is not None:  # trials over the service's workers
-            st = _bayes_settings(dict(settings or {}))
+        st = _bayes_settings(dict(settings or {}))
+        # Trials over the service's workers; fan-out samples by TPE, so another sampler runs in this process.
+        if ctx.get("storage") and ctx.get("scorer_ref") is not None and st.sampler == "tpe":
             fan = BayesFanout(storage=ctx["storage"], scorer=ctx["scorer_ref"], workers=st.workers,
                               trial_timeout=st.trial_timeout, submit_trial_jobs=ctx.get("submit_trial_jobs"),
                               stop=ctx.get("stop"), on_cancel=ctx.get("on_cancel"), worker=ctx.get("worker"),

@@ -83,7 +83,12 @@ def _check_cancelled(search_id: str, trials, jobs, url: str) -> None:
     assert "RUNNING" not in states and "WAITING" not in states
     assert all(t.state == "COMPLETE" or t.cancelled or t.retry_of is not None or t.error for t in trials)
     assert all(t.score is not None and t.cost is not None for t in done if t.measured)
-    # nothing more happens in the study afterwards
+    # the study is marked stopped, and nothing more happens in it afterwards
+    from search.trials import load_fanout_study, study_stopped
+    from service.measured_search import study_name, study_url
+
+    study, _ = load_fanout_study(study_url(url), study_name(search_id))
+    assert study_stopped(study)["reason"] == "search cancelled"
     time.sleep(1.0)
     assert [t.state for t in search_trials(search_id, url)] == states
 
@@ -123,7 +128,7 @@ def test_cancelling_a_search_cancels_its_trial_jobs_celery(api, sf, settings, mo
     settings.broker_url = broker  # the API sends the search's job to Celery
     env = {**os.environ, "BITSEARCH_DATABASE_URL": url, "BITSEARCH_BROKER_URL": broker,
            "BITSEARCH_DATA_DIR": str(tmp_path / "worker"), "BITSEARCH_HEARTBEAT_INTERVAL": "0.2",
-           "BITSEARCH_STALE_AFTER": "30", "OMP_NUM_THREADS": "1"}
+           "BITSEARCH_STALE_AFTER": "30", "OMP_NUM_THREADS": "1", "BITSEARCH_WORKER_NICE": "0"}
     monkeypatch.setenv("BITSEARCH_BROKER_URL", broker)
     get_settings.cache_clear()
     # Two Celery worker processes (solo pool: one job each at a time) on the queue searches and trials go to.
@@ -154,16 +159,16 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
     url = db_url(sf)
     _sqlite_only(url)
     client, h, _ = api
-    body = {**BODY, "solver": {"name": "bayes", "settings": {"n_trials": 24, "workers": 1}}}
+    body = {**BODY, "solver": {"name": "bayes", "settings": {"n_trials": 12, "workers": 1}}}
     acc = submit(client, h, body)
     env = {**os.environ, "BITSEARCH_DATABASE_URL": url, "BITSEARCH_DATA_DIR": str(tmp_path / "worker"),
            "BITSEARCH_HEARTBEAT_INTERVAL": "0.5", "BITSEARCH_STALE_AFTER": "4", "BITSEARCH_POLL_INTERVAL": "0.2",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "BITSEARCH_WORKER_NICE": "0"}  # not niced: a loaded test machine starves it
     env.pop("BITSEARCH_BROKER_URL", None)
     first = subprocess.Popen([str(BIN), "worker", "--queues", "cpu"], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait(lambda: sum(t.state == "COMPLETE" for t in search_trials(acc["id"], url)) >= 4, 240,
+        _wait(lambda: sum(t.state == "COMPLETE" for t in search_trials(acc["id"], url)) >= 3, 400,
               "trials of the first attempt")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
@@ -176,7 +181,7 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         got = _wait(lambda: (g := client.get(acc["url"], headers=h).json())["status"] in
-                    ("succeeded", "failed") and g, 300, "the resumed search")
+                    ("succeeded", "failed") and g, 600, "the resumed search")
     finally:
         try:
             os.killpg(second.pid, signal.SIGTERM)
@@ -189,7 +194,7 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
     assert job.attempts == 2
     trials = search_trials(acc["id"], url)
     done = [t for t in trials if t.state == "COMPLETE"]
-    assert len(done) == 24  # exactly n_trials lineages: none lost, none counted twice
+    assert len(done) == 12  # exactly n_trials lineages: none lost, none counted twice
     for n, t in before.items():  # what the first attempt finished is kept as it was
         if t.state == "COMPLETE":
             assert trials[n].state == "COMPLETE" and trials[n].worker == t.worker
@@ -200,3 +205,13 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
         assert [r.worker for r in trials if r.retry_of == t.number] == [f"job-{acc['job_id']}-2"]
     assert any(t.worker == f"job-{acc['job_id']}-2" for t in done)
     assert client.get(f"/searches/{acc['id']}/pareto", headers=h).json()["points"]
+
+
+@pytest.mark.parametrize("settings_, reason", [({"workers": 0}, "workers"), ({"trial_timeout": -1}, "trial_timeout"),
+                                               ({"workers": True}, "workers")])
+def test_bad_fanout_settings_are_422_before_queueing(api, settings_, reason):  # noqa: F811
+    client, h, _ = api
+    r = client.post("/search", json={**BODY, "solver": {"name": "bayes", "settings": settings_}}, headers=h)
+    assert r.status_code == 422, r.text
+    assert reason in r.text
+    assert client.get("/searches", headers=h).json()["items"] == []

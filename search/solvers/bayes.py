@@ -162,7 +162,7 @@ class BayesSettings:
     warm_start_points: int = 5
     n_startup_trials: int = 10
     population_size: int | None = None
-    workers: int = 2  # trial runners in the service (the search's own job included); in-process elsewhere
+    workers: int = 2  # trial runners in the service (the search's own job included; TPE only); in-process elsewhere
     trial_timeout: float | None = None  # seconds per trial when trials fan out (None: no limit)
 
     def __post_init__(self) -> None:
