@@ -249,7 +249,7 @@ def delete_search(sf, tenant_id: str, search_id: str) -> None:
     view = search_view(sf, tenant_id, search_id)
     for job_id in repo.search_job_ids(sf, tenant_id, search_id):
         job_repo.cancel(sf, job_id)
-    _stop_study(view.search)
+    _stop_study(sf, view.search)
     repo.delete_search_row(sf, tenant_id, search_id)
 
 
@@ -268,20 +268,22 @@ def cancel_job(sf, tenant_id: str, job_id: str) -> Job | None:
         with transaction(sf) as s:
             trial_jobs = list(s.scalars(select(SearchJob.job_id).where(SearchJob.search_id == search.id,
                                                                          SearchJob.role == "study-trials")))
-        _stop_study(search)  # first: a runner between trials asks the study before it asks for a trial
+        _stop_study(sf, search)  # first: a runner between trials asks the study before it asks for a trial
         for trial_job in trial_jobs:
             job_repo.cancel(sf, trial_job)
     return cancelled
 
 
-def _stop_study(search: Search) -> None:
-    """Mark the study of a fan-out search stopped (no-op for other solvers)."""
+def _stop_study(sf, search: Search) -> None:
+    """Mark the study of a fan-out search stopped (no-op for other solvers). The study lives beside the database
+    `sf` opens (`service.measured_search.study_url`)."""
     from service.measured_search import FANOUT_SOLVERS, stop_search_study
 
     solver = (search.spec or {}).get("solver") if isinstance(search.spec, dict) else None
     name = solver.get("name") if isinstance(solver, dict) else solver
     if name in FANOUT_SOLVERS:
-        stop_search_study(search.id, reason="search cancelled")
+        db_url = sf.kw["bind"].url.render_as_string(hide_password=False)
+        stop_search_study(search.id, db_url, reason="search cancelled")
 
 
 # --- schedules ------------------------------------------------------------------------------------------------
