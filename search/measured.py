@@ -6,7 +6,9 @@ builds here from the request (the service passes a database URL for the studies;
 
 - `bayes`: a scorer and a study. The scorer is PTQ on the selection data (default, `scorer: "ptq"`) or a short
   QAFT per trial on the training data (`scorer: "qaft"`, with `qaft_steps`, `qaft_lr`); the Optuna study lives
-  in the database it is given (the service's own), named after the search, so a re-run job resumes it.
+  in the database it is given (the service's own), named after the search, so a re-run job resumes it. Given
+  a scorer reference its workers can rebuild the scorer from (`context["scorer_ref"]`), its trials fan out like
+  bomp-nas's (`workers`, `trial_timeout`; `search.solvers.bayes.BayesFanout`).
 - `bomp-nas`: a study of architecture + bits trials (`search.solvers.bompnas`) in the service's database, fanned
   out as "study-trials" jobs over the available workers (`workers` settings, the search's own job included);
   a trial lost with a killed worker is re-run once (heartbeats), never counted twice. The front's points
@@ -91,10 +93,18 @@ def bayes_solver_options(settings: dict[str, Any], model: Any, calibration: Any,
                          progress: ProgressFn | None = None) -> dict[str, Any]:
     """The keyword options of `BayesSolver` for a search request: the scorer and the study (`storage`: a URL,
     None: in memory)."""
+    st = _bayes_settings(dict(settings or {}))
+    scorer = bayes_scorer(settings, model, calibration, selection, train, quant_config)
+    return {**st.solver_options(), "scorer": scorer, "storage": storage, "study_name": study_name,
+            "progress": progress}
+
+
+def bayes_scorer(settings: dict[str, Any], model: Any, calibration: Any, selection: Any, train: Any,
+                 quant_config: Any) -> Any:
+    """The scorer a bayes search request asks for: PTQ on the selection data, or a short QAFT per trial."""
     from search.solvers.scorers import ptq_scorer, qat_scorer
 
     st = _bayes_settings(dict(settings or {}))
-    opts = st.solver_options()
     if selection is None or getattr(selection, "y", None) is None:
         raise BitsearchError("bayes measures every trial: it needs labelled selection data")
     if st.scorer == "qaft":
@@ -103,11 +113,16 @@ def bayes_solver_options(settings: dict[str, Any], model: Any, calibration: Any,
         if train is None:
             raise BitsearchError("bayes with scorer 'qaft' needs training data")
         recipe = QATRecipe(steps=st.qaft_steps, lr=st.qaft_lr, device="cpu")
-        scorer = qat_scorer(model, train, selection, recipe, calibration=calibration)
-    else:
-        scorer = ptq_scorer(model, calibration, selection, quant_config)
-    return {**opts, "scorer": scorer, "storage": storage, "study_name": study_name,
-            "progress": progress}
+        return qat_scorer(model, train, selection, recipe, calibration=calibration)
+    return ptq_scorer(model, calibration, selection, quant_config)
+
+
+def _cancelled(ctx: dict[str, Any], what: str) -> None:
+    """A study run ended because it was told to stop: the caller's `on_cancel` says how (the service raises
+    its job's cancellation); without one, an error."""
+    if ctx.get("on_cancel") is not None:
+        ctx["on_cancel"]()
+    raise BitsearchError(f"{what} was stopped before its trials were done")
 
 
 # --- bomp-nas ------------------------------------------------------------------------------------------------
@@ -117,7 +132,7 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
                  settings: dict[str, Any], storage: str, study_name: str, report: Any = None,
                  submit_trial_jobs: Callable[[str, str, int], list[str]] | None = None,
                  progress: ProgressFn | None = None, stop: Callable[[], bool] | None = None,
-                 worker: str | None = None) -> dict[str, Any]:
+                 worker: str | None = None, on_cancel: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the BOMP-NAS study of one search; returns the front, the trials and the recommendation.
 
     `submit_trial_jobs(url, study, n)` queues n "study-trials" jobs (returns their ids); this call runs trials too
@@ -148,7 +163,9 @@ def run_bomp_nas(model_ref: str, weights: str | None, data_ref: str | None, budg
     def on_trial(p) -> None:
         progress(0.9 * p.done / total, f"bomp-nas: {p.done}/{total} trials done ({p.running} running)")
 
-    run_trials(url, study_name, worker=worker, on_trial=on_trial, stop=stop, seed=cfg.seed)
+    run = run_trials(url, study_name, worker=worker, on_trial=on_trial, stop=stop, seed=cfg.seed)
+    if run.cancelled:
+        _cancelled({"on_cancel": on_cancel}, f"the bomp-nas study {study_name!r}")
     pts = front(url, study_name)
     study, _ = load_fanout_study(url, study_name)
     if not pts:
@@ -313,17 +330,36 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
     progress = progress or (lambda f, m: None)
     budget_texts = [f"{b.metric}={b.limit!r}" for b in budgets]
     if name == "bayes":
-        from search.solvers.bayes import BayesSolver
+        from search.solvers.bayes import BayesFanout, BayesSolver
 
         opts = bayes_solver_options(settings, model, calibration, selection, train, quant_config,
                                     ctx.get("storage"), ctx.get("study"),
                                     progress=lambda f, m: progress(0.5 + 0.05 * f, m))
-        solver = BayesSolver(**opts)
+        fan = None
+        st = _bayes_settings(dict(settings or {}))
+        # Trials over the service's workers; fan-out samples by TPE, so another sampler runs in this process.
+        if ctx.get("storage") and ctx.get("scorer_ref") is not None and st.sampler == "tpe":
+            fan = BayesFanout(storage=ctx["storage"], scorer=ctx["scorer_ref"], workers=st.workers,
+                              trial_timeout=st.trial_timeout, submit_trial_jobs=ctx.get("submit_trial_jobs"),
+                              stop=ctx.get("stop"), on_cancel=ctx.get("on_cancel"), worker=ctx.get("worker"),
+                              heartbeat_interval=int(ctx.get("trial_heartbeat") or 10),
+                              grace_period=ctx.get("trial_grace"))
+        solver = BayesSolver(**opts, fanout=fan)
         front = pareto_front(problem, metric, n_points, solver, extra_limits=list(requested))
         study = solver.study
-        n = len(study.get_trials(deepcopy=False)) if study is not None else 0
+        trials = study.get_trials(deepcopy=False) if study is not None else []
+        n = len(trials)
         name_ = getattr(study, "study_name", None)
-        return front, None, {"study": name_, "trials": n, "summary": f"study {name_!r}, {n} trials"}
+        extras: dict[str, Any] = {"study": name_, "trials": n, "trial_jobs": list(solver.trial_jobs)}
+        summary = f"study {name_!r}, {n} trials"
+        if fan is not None:
+            states = [t.state.name for t in trials if not t.user_attrs.get("surplus")]
+            workers = sorted({str(t.user_attrs.get("worker")) for t in trials if t.state.name == "COMPLETE"})
+            summary += (f": {states.count('COMPLETE')} complete, {states.count('FAIL')} failed (re-runs: "
+                        f"{sum(1 for t in trials if t.system_attrs.get('failed_trial') is not None)}), run by "
+                        f"{len(workers)} runner(s) over {1 + len(solver.trial_jobs)} job(s)")
+        extras["summary"] = summary
+        return front, None, extras
     if name == "bomp-nas":
         if model_ref is None:
             raise BitsearchError("bomp-nas reshapes a zoo model family: give a zoo model (e.g. zoo:digits-cnn)")
@@ -343,7 +379,7 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
                            ctx.get("study") or "bomp-nas", report=report,
                            submit_trial_jobs=ctx.get("submit_trial_jobs"),
                            progress=lambda f, m: progress(0.5 + 0.45 * f, m), stop=ctx.get("stop"),
-                           worker=ctx.get("worker"))
+                           worker=ctx.get("worker"), on_cancel=ctx.get("on_cancel"))
         extras = {k: out[k] for k in ("trials", "trial_jobs", "study", "seconds")}
         states = [t["state"] for t in out["trials"]]
         extras["summary"] = (f"study {out['study']!r}: {len(states)} trial rows, {states.count('COMPLETE')} complete, "
@@ -373,6 +409,7 @@ def measured_front(name: str, settings: dict[str, Any], *, model: Any, model_ref
 __all__ = [
     "MEASURED_SOLVERS",
     "measured_front",
+    "bayes_scorer",
     "bayes_solver_options",
     "bits_history",
     "check_servable",

@@ -23,7 +23,11 @@ Guarantees, with several workers and workers that die:
   their first trial's number, and a trial beyond `total_trials` is closed unrun with user attr `surplus`
   (a FAIL row that no count includes);
 - on SQLite (no row locks) two workers may pop the same queued retry: each writes a claim and the loser drops
-  the trial (on PostgreSQL the row lock of `set_trial_state_values` prevents it).
+  the trial (on PostgreSQL the row lock of `set_trial_state_values` prevents it);
+- stopping: `stop_study` marks the study stopped (a cancelled search), and every worker stops asking for trials
+  at its next loop; a worker's own `stop()` (its job was cancelled) ends it too, and `ctx.check()` raises
+  `TrialCancelled` inside a running trial, which is then closed FAIL with user attr `cancelled` (counted as a
+  failed lineage, never re-run). Finished trials stay stored.
 
 Objectives are registered by kind (`register_objective`); a worker builds the objective from the stored config,
 so no code travels through the database.
@@ -47,6 +51,7 @@ from .study_storage import make_storage
 
 _ATTR_FANOUT = "bitsearch.fanout"
 _ATTR_OBJECTIVE = "bitsearch.objective"
+_ATTR_STOPPED = "bitsearch.stopped"
 
 #: kind -> factory(config dict) -> objective(trial, ctx) -> sequence of objective values
 TRIAL_OBJECTIVES: dict[str, Callable[[dict[str, Any]], Callable[[Any, "TrialContext"], Sequence[float]]]] = {}
@@ -66,18 +71,27 @@ class TrialTimeout(BitsearchError):
     """A trial ran past the study's per-trial timeout."""
 
 
+class TrialCancelled(BitsearchError):
+    """The worker running a trial was told to stop (its job cancelled): the trial ends unfinished."""
+
+
 @dataclass
 class TrialContext:
-    """What an objective gets beside its trial: the worker's id and the trial's deadline."""
+    """What an objective gets beside its trial: the worker's id, the trial's deadline and whether the worker
+    was told to stop."""
 
     worker: str
     deadline: float | None  # time.monotonic() value, None: no limit
     started: float = field(default_factory=time.monotonic)
+    stop: Callable[[], bool] | None = None  # cheap: it is asked at every check
 
     def check(self) -> None:
-        """Raise `TrialTimeout` when the trial is past its time (call it between training steps)."""
+        """Raise `TrialTimeout` when the trial is past its time, `TrialCancelled` when the worker was told to
+        stop (call it between training steps)."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise TrialTimeout(f"trial ran past its timeout of {self.deadline - self.started:.0f} s")
+        if self.stop is not None and self.stop():
+            raise TrialCancelled("the trial's worker was told to stop")
 
 
 @dataclass
@@ -223,6 +237,26 @@ def load_fanout_study(storage_url: str, study_name: str, sampler: Any = None) ->
     return study, fan
 
 
+def stop_study(storage_url: str, study_name: str, reason: str = "cancelled") -> bool:
+    """Mark a fan-out study stopped: its workers start no further trial (running ones end at their next
+    `ctx.check()` when their own job is cancelled too). Finished trials stay. False when there is no such study."""
+    storage = make_storage(storage_url)
+    try:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return False
+        storage.set_study_user_attr(study_id, _ATTR_STOPPED, {"reason": str(reason)[:200], "at": time.time()})
+        return True
+    finally:
+        _dispose(storage)
+
+
+def study_stopped(study: Any) -> dict[str, Any] | None:
+    """The stop mark of a study (`stop_study`), or None."""
+    return study._storage.get_study_user_attrs(study._study_id).get(_ATTR_STOPPED)
+
+
 def _dispose(storage: Any) -> None:
     engine = getattr(storage, "engine", None)
     if engine is not None:
@@ -259,6 +293,7 @@ class TrialsRun:
     ran: int = 0  # trials this worker finished (completed or failed)
     completed: int = 0
     failed: int = 0
+    cancelled: bool = False  # the call ended because of `stop()` or a stopped study, not a done study
     progress: StudyProgress = field(default_factory=StudyProgress)
     seconds: float = 0.0
 
@@ -279,7 +314,8 @@ def run_trials(
     `worker` names this worker (its sampler seed derives from it, so workers propose different points);
     `wait_for_others`: when every remaining lineage is running elsewhere, poll until they finish or turn stale
     (then this worker re-runs them) rather than leave; `on_trial` is called after every trial this worker ends;
-    `stop()` true ends the call between trials.
+    `stop()` true ends the call between trials (and, through `ctx.check()`, inside one); so does a study
+    marked stopped (`stop_study`); `TrialsRun.cancelled` then says so.
     """
     import zlib
 
@@ -316,7 +352,8 @@ def _loop(study, fan, objective, worker, n, poll, wait_for_others, on_trial, sto
     storage = study._storage
     try:
         while n is None or run.ran < n:
-            if stop is not None and stop():
+            if (stop is not None and stop()) or study_stopped(study) is not None:
+                run.cancelled = True
                 break
             optuna.storages.fail_stale_trials(study)
             prog = progress_of(study.get_trials(deepcopy=False))
@@ -328,7 +365,8 @@ def _loop(study, fan, objective, worker, n, poll, wait_for_others, on_trial, sto
                 continue
             trial = study.ask()
             claim = uuid.uuid4().hex
-            ctx = TrialContext(worker, None if fan.trial_timeout is None else time.monotonic() + fan.trial_timeout)
+            ctx = TrialContext(worker, None if fan.trial_timeout is None else time.monotonic() + fan.trial_timeout,
+                               stop=stop)
             with _Heartbeat(storage, trial._trial_id, fan.heartbeat_interval):
                 if _surplus(study, storage, trial, fan.total_trials):
                     # Another worker started the last lineage between this worker's count and its ask: this
@@ -344,6 +382,12 @@ def _loop(study, fan, objective, worker, n, poll, wait_for_others, on_trial, sto
                         continue  # another worker popped the same queued trial and holds it
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # failed as stale meanwhile (this worker stalled): its retry runs elsewhere
+                except TrialCancelled as exc:
+                    trial.set_user_attr("cancelled", True)
+                    trial.set_user_attr("error", str(exc))
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    run.cancelled = True
+                    break
                 except (TrialTimeout, BitsearchError) as exc:
                     trial.set_user_attr("error", str(exc))
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -369,6 +413,7 @@ __all__ = [
     "TRIAL_OBJECTIVES",
     "Fanout",
     "StudyProgress",
+    "TrialCancelled",
     "TrialContext",
     "TrialTimeout",
     "TrialsRun",
@@ -377,4 +422,6 @@ __all__ = [
     "progress_of",
     "register_objective",
     "run_trials",
+    "stop_study",
+    "study_stopped",
 ]

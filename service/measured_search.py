@@ -1,27 +1,41 @@
-"""The service's side of the measured searches (`search.measured`): where their studies live, and the job kind
-that lets any worker run trials of a fan-out study.
+"""The service's side of the measured searches (`search.measured`): where their studies live, the job kind
+that lets any worker run trials of a fan-out study, and a read of a search's trials.
 
-A BOMP-NAS study lives in the service's own database: PostgreSQL (Optuna's tables in their own schema), or, with
-an SQLite database, a file beside it. The search job queues `workers - 1` "study-trials" jobs; each runs trials
-until the study is done (`search.trials.run_trials`), so trials spread over the local pool or Celery workers,
-and a worker killed mid-trial costs one re-run of that trial, never a double count.
+A bayes or BOMP-NAS study lives in the service's own database: PostgreSQL (Optuna's tables in their own schema),
+or, with an SQLite database, a file beside it. The search job queues `workers - 1` "study-trials" jobs, linked to
+the search and owned by its tenant; each runs trials until the study is done (`search.trials.run_trials`), so
+trials spread over the local pool or Celery workers, and a worker killed mid-trial costs one re-run of that
+trial, never a double count. A bayes trial worker rebuilds the scorer from the search's own spec (the
+"search-spec" scorer builder below: the same model, data roles and quantization config as the search job).
+
+Cancelling the search's job cancels its trial jobs and marks its study stopped (`service.searches.cancel_job`):
+no runner starts another trial, running ones stop at their next check, and the trials already finished stay
+in the study (`search_trials` reads them).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from quant.errors import BitsearchError
 from search.measured import (  # noqa: F401  (re-exported for the service)
     MEASURED_SOLVERS,
+    bayes_scorer,
     bayes_solver_options,
     bits_history,
     check_servable,
     run_bomp_nas,
     run_qbitopt,
 )
+from search.solvers.scorers import register_scorer_builder
+
+#: Solvers whose search keeps a fan-out study in the service database (its trials run as "study-trials" jobs).
+FANOUT_SOLVERS = ("bayes", "bomp-nas")
+SCORER_BUILDER = "search-spec"
 
 
 def study_url(db_url: str) -> str:
@@ -39,9 +53,16 @@ def study_url(db_url: str) -> str:
 # --- the fan-out job kind ------------------------------------------------------------------------------------
 
 
+def study_name(search_id: str) -> str:
+    """The study of a search (a re-run of its job resumes it)."""
+    return f"search-{search_id}"
+
+
 def run_study_trials(spec: dict[str, Any], ctx: Any) -> Any:
     """The "study-trials" job kind: run trials of the fan-out study `spec["study"]` in `spec["storage"]` until
-    nothing is left to start (the job's cancellation ends it between trials)."""
+    nothing is left to start. The job's cancellation ends it (a running trial at its next check), and so does
+    the study being marked stopped."""
+    import search.solvers.bayes  # noqa: F401  (registers the bayes trial objective)
     import search.solvers.bompnas  # noqa: F401  (registers the bomp-nas trial objective)
     from search.trials import run_trials
     from service.jobs.kinds import JobCancelled, JobOutput
@@ -57,8 +78,8 @@ def run_study_trials(spec: dict[str, Any], ctx: Any) -> Any:
             cancelled["now"] = True
 
     run = run_trials(spec["storage"], spec["study"], worker=f"job-{ctx.job_id}-{ctx.attempt}",
-                     on_trial=on_trial, stop=lambda: cancelled["now"], wait_for_others=False)
-    if cancelled["now"]:
+                     on_trial=on_trial, stop=lambda: cancelled["now"] or not ctx.wanted(), wait_for_others=False)
+    if cancelled["now"] or run.cancelled:
         raise JobCancelled(ctx.job_id)
     return JobOutput({"ran": run.ran, "completed": run.completed, "failed": run.failed,
                       "study_done": run.progress.done})
@@ -80,29 +101,165 @@ def has_train_data(spec: Any) -> bool:
 
 def measured_context(sf: Any, search_id: str, ctx: Any) -> dict[str, Any]:
     """What a search job gives the measured solvers: the study in the service's database (named after the
-    search, so a re-run job resumes it), the job's folder (QBitOpt's checkpoints) and a way to fan trials out
-    as "study-trials" jobs."""
+    search, so a re-run job resumes it), the job's folder (QBitOpt's checkpoints), a way to fan trials out as
+    "study-trials" jobs of the search, how a bayes trial worker rebuilds the scorer (the job's own spec), and
+    the job's cancellation (`stop`: asked between and inside trials; `on_cancel`: ends the job cancelled)."""
+    from db import jobs as job_repo
+    from db import repo
     from service.jobs.dispatch import submit_job
+    from service.jobs.kinds import JobCancelled
     from service.settings import get_settings
 
     settings = get_settings()
+    job = job_repo.get(sf, ctx.job_id)
+    job_spec = dict(job.spec) if job is not None else {}
 
     def submit_trial_jobs(url: str, study: str, n: int) -> list[str]:
         key = f"study-trial-jobs-{study}"
         marker = Path(ctx.workdir) / f"{key}.json"
         if marker.exists():  # a re-run of this job: its trial jobs were queued by the first attempt
             return json.loads(marker.read_text())
-        ids = [submit_job(sf, "study-trials", {"storage": url, "study": study}, settings=settings).id
-               for _ in range(n)]
+        spec = {"storage": url, "study": study}
+        tenant = job.tenant_id if job is not None else None
+        if tenant is not None and repo.search_exists(sf, search_id):
+            from service.searches import queue_jobs
+
+            # linked to the search and owned by its tenant: cancelling or deleting the search reaches them
+            ids = queue_jobs(sf, settings, tenant, search_id, [("study-trials", None, spec)] * n)
+        else:  # a search job from outside the service (CLI): nothing to link them to
+            ids = [submit_job(sf, "study-trials", spec, settings=settings).id for _ in range(n)]
         marker.write_text(json.dumps(ids))
         return ids
 
-    return {"storage": study_url(settings.db_url), "study": f"search-{search_id}", "workdir": ctx.workdir,
-            "submit_trial_jobs": submit_trial_jobs, "worker": f"job-{ctx.job_id}-{ctx.attempt}"}
+    def on_cancel() -> None:
+        raise JobCancelled(ctx.job_id)
+
+    # Trial heartbeats follow the job system's: a trial whose runner died is re-run about when its job would be.
+    trial_heartbeat = max(1, math.ceil(settings.heartbeat_interval))
+    trial_grace = max(trial_heartbeat + 1, math.ceil(settings.stale_after))
+    scorer_ref = {"builder": SCORER_BUILDER,
+                  "config": {"spec": {k: v for k, v in job_spec.items() if not str(k).startswith("_")}}}
+    return {"storage": study_url(settings.db_url), "study": study_name(search_id), "workdir": ctx.workdir,
+            "submit_trial_jobs": submit_trial_jobs, "worker": f"job-{ctx.job_id}-{ctx.attempt}",
+            "scorer_ref": scorer_ref if job_spec else None, "stop": lambda: not ctx.wanted(),
+            "on_cancel": on_cancel, "trial_heartbeat": trial_heartbeat, "trial_grace": trial_grace}
+
+
+@register_scorer_builder(SCORER_BUILDER)
+def scorer_from_search_spec(config: dict[str, Any]) -> Any:
+    """A bayes trial worker's scorer: the search spec's model, data roles (same seeds, so the same selection
+    split) and quantization config, and its scorer settings, exactly as the search job built them."""
+    from bitsearch.pipeline import prepare
+    from bitsearch.spec import SearchSpec
+    from quant import QuantConfig
+
+    s = SearchSpec.parse(config["spec"])
+    loaded, resolved = prepare(s)
+    quant_config = QuantConfig.from_dict(s.quant) if s.quant else QuantConfig()
+    return bayes_scorer(dict(s.solver.settings), loaded.model, resolved.calibration, resolved.selection,
+                        resolved.train, quant_config)
+
+
+# --- a search's trials, for the dashboard and the API ------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a search's study, as stored: what it measured and what it cost, and who ran it."""
+
+    number: int
+    state: str  # COMPLETE, FAIL, RUNNING, WAITING
+    worker: str | None
+    score: float | None  # the study's first objective: top-1 on the selection split (bayes: the scorer's)
+    cost: float | None  # the study's cost objective (`cost_metric`)
+    cost_metric: str | None
+    measured: bool  # False: over budget, costed only (its score is the worst)
+    feasible: bool  # within every budget
+    metrics: dict[str, float] | None  # every cost metric (internal units: bits, BOPs)
+    retry_of: int | None  # the trial a re-run repeats (its worker was lost)
+    error: str | None  # a failed trial's reason (timeout, ...)
+    cancelled: bool  # ended unfinished because its search was cancelled
+    arch: dict[str, Any] | None  # bomp-nas: the architecture
+    started: str | None  # ISO times
+    finished: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search_trials(search_id: str, db_url: str | None = None) -> list[TrialRecord]:
+    """The trials of a search's fan-out study (bayes, bomp-nas) in trial order, surplus rows left out; an empty
+    list when the search has no study (another solver, or not started). Finished trials of a cancelled search
+    are here too."""
+    import math
+
+    import optuna
+
+    from search.study_storage import make_storage
+    from search.trials import load_fanout_study
+    from service.settings import get_settings
+
+    url = study_url(db_url or get_settings().db_url)
+    if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).exists():
+        return []
+    probe = make_storage(url)
+    try:
+        names = {s.study_name for s in optuna.get_all_study_summaries(probe, include_best_trial=False)}
+    finally:
+        engine = getattr(probe, "engine", None)
+        if engine is not None:
+            engine.dispose()
+    if study_name(search_id) not in names:
+        return []
+    study, _ = load_fanout_study(url, study_name(search_id))
+    try:
+        cost_metric = (study.user_attrs.get("bitsearch.objective", {}).get("config", {}).get("cost_metric"))
+        out = []
+        for t in study.get_trials(deepcopy=False):
+            if t.user_attrs.get("surplus"):
+                continue
+            cons = t.constraints or []
+            vals = list(cons.values()) if isinstance(cons, dict) else list(cons)
+            score = cost = None
+            if t.values is not None:
+                score = float(t.values[0]) if math.isfinite(t.values[0]) else None
+                cost = float(t.values[1]) if len(t.values) > 1 else None
+            out.append(TrialRecord(
+                number=t.number, state=t.state.name, worker=t.user_attrs.get("worker"),
+                score=score if t.user_attrs.get("measured") else None, cost=cost, cost_metric=cost_metric,
+                measured=bool(t.user_attrs.get("measured")), feasible=all(v <= 0 for v in vals),
+                metrics=t.user_attrs.get("metrics"), retry_of=t.system_attrs.get("failed_trial"),
+                error=t.user_attrs.get("error"), cancelled=bool(t.user_attrs.get("cancelled")),
+                arch=t.user_attrs.get("arch"),
+                started=t.datetime_start.isoformat() if t.datetime_start else None,
+                finished=t.datetime_complete.isoformat() if t.datetime_complete else None,
+            ))
+        return out
+    finally:
+        engine = getattr(study._storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+def stop_search_study(search_id: str, db_url: str | None = None, reason: str = "search cancelled") -> bool:
+    """Mark a search's study stopped (no runner starts another trial); False when it has none."""
+    from search.trials import stop_study
+    from service.settings import get_settings
+
+    url = study_url(db_url or get_settings().db_url)
+    if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).exists():
+        return False
+    return stop_study(url, study_name(search_id), reason)
 
 
 __all__ = [
+    "FANOUT_SOLVERS",
     "MEASURED_SOLVERS",
+    "TrialRecord",
+    "scorer_from_search_spec",
+    "search_trials",
+    "stop_search_study",
+    "study_name",
     "check_servable",
     "has_train_data",
     "measured_context",

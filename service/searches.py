@@ -244,11 +244,46 @@ def finetune(sf, settings: Settings, tenant_id: str, search_id: str, points: lis
 
 
 def delete_search(sf, tenant_id: str, search_id: str) -> None:
-    """Cancel the search's jobs (search and fine-tuning), then delete it and its results."""
-    search_view(sf, tenant_id, search_id)
+    """Cancel the search's jobs (search, trial runners and fine-tuning) and stop its study, then delete it and
+    its results."""
+    view = search_view(sf, tenant_id, search_id)
     for job_id in repo.search_job_ids(sf, tenant_id, search_id):
         job_repo.cancel(sf, job_id)
+    _stop_study(sf, view.search)
     repo.delete_search_row(sf, tenant_id, search_id)
+
+
+def cancel_job(sf, tenant_id: str, job_id: str) -> Job | None:
+    """Cancel one of the tenant's jobs: a queued one at once, a running one at its next progress report. A
+    search's own job takes the search's trial jobs (bayes, bomp-nas) with it, queued and running, and its study
+    is marked stopped, so no worker starts another trial; trials already finished stay stored."""
+    from db.tables import SearchJob
+    from sqlalchemy import select
+
+    if repo.get_job(sf, tenant_id, job_id) is None:
+        raise NotFound(f"no job {job_id!r}")
+    cancelled = job_repo.cancel(sf, job_id)
+    search = repo.search_for_job(sf, job_id)
+    if search is not None and search.tenant_id == tenant_id:
+        with transaction(sf) as s:
+            trial_jobs = list(s.scalars(select(SearchJob.job_id).where(SearchJob.search_id == search.id,
+                                                                         SearchJob.role == "study-trials")))
+        _stop_study(sf, search)  # first: a runner between trials asks the study before it asks for a trial
+        for trial_job in trial_jobs:
+            job_repo.cancel(sf, trial_job)
+    return cancelled
+
+
+def _stop_study(sf, search: Search) -> None:
+    """Mark the study of a fan-out search stopped (no-op for other solvers). The study lives beside the database
+    `sf` opens (`service.measured_search.study_url`)."""
+    from service.measured_search import FANOUT_SOLVERS, stop_search_study
+
+    solver = (search.spec or {}).get("solver") if isinstance(search.spec, dict) else None
+    name = solver.get("name") if isinstance(solver, dict) else solver
+    if name in FANOUT_SOLVERS:
+        db_url = sf.kw["bind"].url.render_as_string(hide_password=False)
+        stop_search_study(search.id, db_url, reason="search cancelled")
 
 
 # --- schedules ------------------------------------------------------------------------------------------------

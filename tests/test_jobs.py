@@ -173,3 +173,30 @@ def test_results_table_refuses_a_second_row(sf):
     with pytest.raises(IntegrityError):
         with sf.begin() as s:
             s.add(Result(job_id=job.id, kind="x", metrics={}))
+
+
+def test_celery_watchdog_outlives_a_database_that_fails_at_start(monkeypatch):
+    """The watchdog that re-sends lost jobs must keep running when its first connection fails (a database
+    still starting, or a migration raced by a worker starting at the same moment): it used to die for good."""
+    pytest.importorskip("celery")
+    from service.jobs import celery_app, dispatch
+
+    calls = {"factory": 0, "recover": 0}
+
+    def flaky_factory(url):
+        calls["factory"] += 1
+        if calls["factory"] == 1:
+            raise RuntimeError("table schedules already exists")
+        return object()
+
+    def fake_recover(sf, settings=None):
+        calls["recover"] += 1
+        return []
+
+    monkeypatch.setattr(celery_app, "session_factory", flaky_factory)
+    monkeypatch.setattr(dispatch, "recover", fake_recover)
+    celery_app.start_watchdog(0.05)
+    deadline = time.monotonic() + 10
+    while calls["recover"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls["factory"] == 2 and calls["recover"] >= 2

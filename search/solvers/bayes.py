@@ -37,6 +37,15 @@ with a claim per trial: SQLite has no row locks, so two workers can pop the same
 whose claim was overwritten drops it and asks again (on PostgreSQL Optuna's SELECT ... FOR UPDATE prevents
 the race).
 
+Trials over worker processes. With `fanout=BayesFanout(storage, scorer_ref, workers=...)` the study is a
+fan-out study of `search.trials` (objective kind "bayes"): it stores a JSON snapshot of the problem (per-layer
+costs of every option, variables, budgets: `ProblemSnapshot`) and a scorer reference (`scorers.build_scorer`),
+so any worker process rebuilds the objective; this call queues `workers - 1` trial runners elsewhere
+(`submit_trial_jobs`, e.g. the service's "study-trials" jobs) and runs trials itself until the study holds
+`total_trials` (default `n_trials`) done trials, all runners together. Heartbeats, the re-run of a trial lost
+with a killed worker (once, never counted twice), `trial_timeout` and cancellation (`stop`, or the study
+marked stopped) are `search.trials`'. Fan-out sampling is TPE (multivariate, constant liar, seeded per worker).
+
 Results. `solve` returns the best measured feasible trial (ties: the cheaper, then the earlier). `sweep`
 runs one study for the whole sweep (the swept metric is the cost objective) and returns, per budget, the best
 measured trial within it; those are the study's Pareto-optimal trials that are best at some swept budget
@@ -66,13 +75,24 @@ from quant.errors import BitsearchError
 
 from ..problem import FEAS_RTOL, AllocationProblem, Budget, canonical_metric
 from ..study_storage import make_storage  # noqa: F401  (re-exported)
+from ..trials import Fanout, TrialContext, create_study, load_fanout_study, register_objective, run_trials
 from .base import Capabilities, RawResult, Solution, Solver, register_solver
-from .scorers import SCORE_DIRECTIONS, PTQScorer, QATScorer, Scorer, ptq_scorer, qat_scorer  # noqa: F401
+from .scorers import (  # noqa: F401
+    SCORE_DIRECTIONS,
+    PTQScorer,
+    QATScorer,
+    Scorer,
+    build_scorer,
+    lend_scorer,
+    ptq_scorer,
+    qat_scorer,
+)
 
 SAMPLERS = ("tpe", "nsgaii", "random")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 _ATTR_PROBLEM = "bitsearch.problem"
 _ATTR_SCORER = "bitsearch.scorer"
+OBJECTIVE_KIND = "bayes"  # the fan-out trial objective (search.trials)
 
 
 # --- the solver -------------------------------------------------------------------------------------------
@@ -142,8 +162,17 @@ class BayesSettings:
     warm_start_points: int = 5
     n_startup_trials: int = 10
     population_size: int | None = None
+    workers: int = 2  # trial runners in the service (the search's own job included; TPE only); in-process elsewhere
+    trial_timeout: float | None = None  # seconds per trial when trials fan out (None: no limit)
 
     def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise BitsearchError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.trial_timeout is not None and (
+            isinstance(self.trial_timeout, bool) or not isinstance(self.trial_timeout, (int, float))
+            or not (math.isfinite(self.trial_timeout) and self.trial_timeout > 0)
+        ):
+            raise BitsearchError(f"trial_timeout must be a positive number of seconds, got {self.trial_timeout!r}")
         if self.scorer not in ("ptq", "qaft"):
             raise BitsearchError(f"scorer must be 'ptq' or 'qaft', got {self.scorer!r}")
         if isinstance(self.qaft_steps, bool) or not isinstance(self.qaft_steps, int) or self.qaft_steps < 1:
@@ -155,7 +184,140 @@ class BayesSettings:
         BayesSolver(**self.solver_options())  # the solver's own checks of the rest
 
     def solver_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("scorer", "qaft_steps", "qaft_lr")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("scorer", "qaft_steps", "qaft_lr", "workers", "trial_timeout")}
+
+
+@dataclass
+class BayesFanout:
+    """How a bayes study fans its trials out over worker processes (see the module docstring)."""
+
+    storage: str  # SQLAlchemy URL every runner reaches
+    scorer: dict[str, Any]  # scorer reference {"builder", "config"}: how a runner rebuilds the scorer
+    workers: int = 1  # trial runners in all, this process included
+    trial_timeout: float | None = None
+    heartbeat_interval: int = 10
+    grace_period: int | None = None  # None: 2 x heartbeat_interval
+    max_retry: int = 1
+    submit_trial_jobs: Callable[[str, str, int], list[str]] | None = None  # (url, study, n) -> job ids
+    stop: Callable[[], bool] | None = None  # true: this runner was told to stop (its job cancelled)
+    on_cancel: Callable[[], None] | None = None  # called when the run ended cancelled (may raise)
+    worker: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.storage, str):
+            raise BitsearchError("a bayes fan-out needs a database URL its workers reach")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise BitsearchError(f"workers must be a positive integer, got {self.workers!r}")
+        self.fanout_settings(1)  # its checks
+
+
+    def fanout_settings(self, total_trials: int) -> Fanout:
+        return Fanout(total_trials, self.trial_timeout, self.heartbeat_interval, self.grace_period, self.max_retry)
+
+
+@dataclass
+class ProblemSnapshot:
+    """What a trial worker needs of an `AllocationProblem`, as JSON: the study's parameters (one per
+    variable, its option labels), the layers of each variable, every option's per-layer cost, the budgets.
+    A worker prices and builds an allocation from it without the sensitivity table or the model's layers."""
+
+    layer_names: list[str]
+    options: list[dict[str, Any]]  # LayerBits dicts (columns)
+    groups: list[list[int]]  # layers of each variable
+    names: list[str]  # parameter name of each variable
+    labels: list[list[str]]
+    index: list[dict[str, int]]  # label -> option column, per variable
+    layer_costs: dict[str, list[list[float]]]  # metric -> (layers x options)
+    sum_metrics: list[str]  # summed over layers (the others: max)
+    budgets: list[dict[str, Any]]
+    model: str | None = None
+
+    @classmethod
+    def of(cls, problem: AllocationProblem, model: str | None = None) -> "ProblemSnapshot":
+        from quant.cost import SUM_METRICS
+
+        space = _Space.of(problem)
+        return cls(
+            layer_names=list(problem.layer_names), options=[o.to_dict() for o in problem.options],
+            groups=[[int(i) for i in g] for g in problem.groups], names=space.names, labels=space.labels,
+            index=space.index,
+            layer_costs={m: np.asarray(v, dtype=np.float64).tolist() for m, v in problem.layer_costs.items()},
+            sum_metrics=[m for m in problem.layer_costs if m in SUM_METRICS],
+            budgets=[b.to_dict() for b in problem.budgets], model=model,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProblemSnapshot":
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def layer_choice(self, params: dict[str, Any]) -> np.ndarray:
+        choice = np.zeros(len(self.layer_names), dtype=np.int64)
+        for g, (name, members) in enumerate(zip(self.names, self.groups)):
+            choice[members] = self.index[g][params[name]]
+        return choice
+
+    def metrics(self, choice: np.ndarray) -> dict[str, float]:
+        rows = np.arange(len(self.layer_names))
+        out = {}
+        for m, mat in self.layer_costs.items():
+            vals = np.asarray(mat, dtype=np.float64)[rows, choice]
+            out[m] = float(vals.sum() if m in self.sum_metrics else vals.max())
+        return out
+
+    def allocation(self, choice: np.ndarray, metrics: dict[str, float]) -> Any:
+        from quant.allocation import Allocation, LayerBits
+
+        opts = [LayerBits.from_dict(o) for o in self.options]
+        return Allocation({n: opts[int(k)] for n, k in zip(self.layer_names, choice)}, model=self.model,
+                          metadata={"metrics": metrics, "budgets": self.budgets})
+
+
+@register_objective(OBJECTIVE_KIND)
+def _fanout_objective(config: dict[str, Any]):
+    """The trial objective of a fan-out bayes study, rebuilt in each worker from the study's JSON config."""
+    from optuna.trial import TrialState
+
+    snap = ProblemSnapshot.from_dict(config["problem"])
+    scorer = build_scorer(config["scorer"])
+    maximize = config["direction"] == "maximize"
+    metric = config["cost_metric"]
+    budgets = [Budget.from_dict(b) for b in snap.budgets]
+    worst = -math.inf if maximize else math.inf
+    cache: dict[bytes, float] = {}
+
+    def objective(trial: Any, ctx: TrialContext) -> list[float]:
+        params = {n: trial.suggest_categorical(n, labs) for n, labs in zip(snap.names, snap.labels)}
+        choice = snap.layer_choice(params)
+        metrics = snap.metrics(choice)
+        already = set(trial.constraints) if budgets else set()  # a re-run of a lost trial keeps its own
+        for b in budgets:
+            if b.metric not in already:
+                trial.set_constraint(b.metric, metrics[b.metric] / (b.limit * (1 + FEAS_RTOL)) - 1.0)
+        trial.set_user_attr("metrics", metrics)
+        if not all(b.holds(metrics[b.metric]) for b in budgets):
+            trial.set_user_attr("measured", False)  # costed, not measured: over budget
+            return [worst, metrics[metric]]
+        key = choice.tobytes()
+        if key not in cache:  # an allocation another trial of the study measured is not measured again
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if t.user_attrs.get("measured") and t.params == params:
+                    cache[key] = float(t.values[0])
+                    break
+        if key not in cache:
+            ctx.check()
+            score = float(scorer(snap.allocation(choice, metrics)))
+            if not math.isfinite(score):
+                raise BitsearchError(f"the scorer returned {score}; it must return a finite number")
+            cache[key] = score
+            trial.set_user_attr("scored_here", True)
+        trial.set_user_attr("measured", True)
+        return [cache[key], metrics[metric]]
+
+    return objective
 
 
 @register_solver
@@ -202,6 +364,7 @@ class BayesSolver(Solver):
         population_size: int | None = None,
         optuna_schema: str = "optuna",
         progress: Callable[[float, str], None] | None = None,
+        fanout: BayesFanout | None = None,
     ):
         if scorer is not None and not callable(scorer):
             raise BitsearchError(f"the bayes solver's scorer must be callable, got {type(scorer).__name__}")
@@ -233,6 +396,12 @@ class BayesSolver(Solver):
         self.population_size = population_size
         self.optuna_schema = optuna_schema
         self.progress = progress
+        if fanout is not None and not isinstance(fanout, BayesFanout):
+            raise BitsearchError("fanout must be a BayesFanout")
+        if fanout is not None and self.sampler != "tpe":
+            raise BitsearchError("trials fanned out over workers are sampled by TPE: use sampler 'tpe' (or workers=1)")
+        self.fanout = fanout
+        self.trial_jobs: list[str] = []  # trial runners queued by the last fan-out call
         self.study: Any = None  # the Optuna study of the last call
         self.measured_here = 0  # allocations this solver measured (cache misses)
         self._cache: dict[bytes, float] = {}
@@ -438,6 +607,8 @@ class BayesSolver(Solver):
             raise BitsearchError(f"the cost model cannot compute {metric}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = _Space.of(problem)
+        if self.fanout is not None:
+            return self._run_fanout(problem, metric, warm_limits, space), space
         study = self._open_study(problem, metric)
         self.study = study
         self._cache.clear()
@@ -508,6 +679,56 @@ class BayesSolver(Solver):
         self.seconds = time.perf_counter() - t_start
         return study, space
 
+    def _run_fanout(self, problem: AllocationProblem, metric: str, warm_limits: Sequence[float] | None,
+                    space: _Space) -> Any:
+        """Create (or resume) the fan-out study, queue the other runners, run trials here; the study."""
+        fan = self.fanout
+        assert fan is not None
+        if self.study_name is None:
+            raise BitsearchError("a bayes fan-out needs a study_name its workers meet in")
+        config = {"problem": ProblemSnapshot.of(problem, model=None).to_dict(), "scorer": fan.scorer,
+                  "direction": self.direction, "cost_metric": metric}
+        total = self.total_trials or self.n_trials
+        create_study(fan.storage, self.study_name, [self.direction, "minimize"], OBJECTIVE_KIND, config,
+                     fan.fanout_settings(total),
+                     attrs={_ATTR_PROBLEM: self._fingerprint(problem, metric), _ATTR_SCORER: _describe(self.scorer)})
+        if self.scorer is not None:
+            lend_scorer(fan.scorer, self.scorer)  # this process measures with the scorer it already holds
+        self._cache.clear()
+        self._scores.clear()
+        self._study_metric = metric
+        study, _ = load_fanout_study(fan.storage, self.study_name)
+        try:
+            if self.warm_start and not study.get_trials(deepcopy=False):
+                with warnings.catch_warnings():  # enqueueing on a heartbeat storage: Optuna only warns
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    self._warm_start(study, problem, space, metric, warm_limits)
+        finally:
+            _dispose_study(study)
+        self.trial_jobs = []
+        if fan.submit_trial_jobs is not None and fan.workers > 1:
+            self.trial_jobs = list(fan.submit_trial_jobs(fan.storage, self.study_name, fan.workers - 1))
+
+        def on_trial(p) -> None:
+            if self.progress is not None:
+                self.progress(p.done / total, f"bayes: {p.done}/{total} trials done ({p.running} running, "
+                                              f"{1 + len(self.trial_jobs)} runner(s))")
+
+        t0 = time.perf_counter()
+        run = run_trials(fan.storage, self.study_name, worker=fan.worker or f"bayes-{self.worker}",
+                         seed=self.seed, on_trial=on_trial, stop=fan.stop)
+        self.seconds = time.perf_counter() - t0
+        if run.cancelled:
+            if fan.on_cancel is not None:
+                fan.on_cancel()
+            raise BitsearchError(f"the bayes study {self.study_name!r} was stopped before its trials were done")
+        study, _ = load_fanout_study(fan.storage, self.study_name)
+        me = fan.worker or f"bayes-{self.worker}"
+        self.measured_here = sum(1 for t in study.get_trials(deepcopy=False)
+                                 if t.user_attrs.get("scored_here") and t.user_attrs.get("worker") == me)
+        self.study = study
+        return study
+
     def _score(self, study: Any, problem: AllocationProblem, space: _Space, vc: np.ndarray,
                params: dict[str, str]) -> float:
         from optuna.trial import TrialState
@@ -555,6 +776,12 @@ class BayesSolver(Solver):
         return self._pick(p, self._measured_trials(study, space, problem))
 
 
+def _dispose_study(study: Any) -> None:
+    engine = getattr(getattr(study, "_storage", None), "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def _describe(scorer: Any) -> Any:
     fn = getattr(scorer, "describe", None)
     if callable(fn):
@@ -565,4 +792,4 @@ def _describe(scorer: Any) -> Any:
     return None
 
 
-__all__ = ["BayesSettings", "BayesSolver", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]
+__all__ = ["BayesFanout", "BayesSettings", "BayesSolver", "ProblemSnapshot", "PTQScorer", "QATScorer", "make_storage", "ptq_scorer", "qat_scorer"]

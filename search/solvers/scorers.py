@@ -3,6 +3,12 @@
 `ptq_scorer` measures by post-training quantization on fixed data; `qat_scorer` by a short quantization-aware
 fine-tuning run. A scorer's `direction` ("maximize"/"minimize") tells a search which way is better and its
 `describe()` is stored with a study, so a study records what measured its trials.
+
+Scorers in other processes. A study whose trials run in worker processes cannot ship a scorer object through
+its database; it stores a *scorer reference* instead, `{"builder": name, "config": JSON}`, and each worker
+rebuilds the scorer with the builder registered under that name (`register_scorer_builder`; the service
+registers one that rebuilds model and data from a search spec). A process that already holds the scorer
+(the search job itself) lends it with `lend_scorer`, so it is not built twice there.
 """
 
 from __future__ import annotations
@@ -119,4 +125,47 @@ def qat_scorer(model: Any, train_data: Any, eval_data: Any, recipe: Any = None, 
     return QATScorer(model, train_data, eval_data, recipe, calibration, metric)
 
 
-__all__ = ["SCORE_DIRECTIONS", "PTQScorer", "QATScorer", "Scorer", "ptq_scorer", "qat_scorer"]
+#: builder name -> factory(config dict) -> Scorer
+SCORER_BUILDERS: dict[str, Callable[[dict[str, Any]], Scorer]] = {}
+_BUILT: dict[str, Scorer] = {}  # this process's scorers, by their reference (one model and data load each)
+
+
+def register_scorer_builder(name: str):
+    """Decorator: register a factory that rebuilds a scorer from the JSON config of a scorer reference."""
+
+    def deco(factory):
+        SCORER_BUILDERS[name] = factory
+        return factory
+
+    return deco
+
+
+def _ref_key(ref: dict[str, Any]) -> str:
+    import json
+
+    if not isinstance(ref, dict) or not isinstance(ref.get("builder"), str):
+        raise BitsearchError(f"a scorer reference is {{'builder': name, 'config': {{...}}}}, got {ref!r}")
+    return json.dumps(ref, sort_keys=True, default=str)
+
+
+def lend_scorer(ref: dict[str, Any], scorer: Scorer) -> None:
+    """Let this process's `build_scorer(ref)` return `scorer` (already built here) instead of building one."""
+    _BUILT[_ref_key(ref)] = scorer
+
+
+def build_scorer(ref: dict[str, Any]) -> Scorer:
+    """The scorer of a reference: the one this process already built or was lent, else a new one."""
+    key = _ref_key(ref)
+    if key not in _BUILT:
+        factory = SCORER_BUILDERS.get(ref["builder"])
+        if factory is None:
+            raise BitsearchError(f"this worker cannot build the scorer {ref['builder']!r}; "
+                                 f"known: {sorted(SCORER_BUILDERS)}")
+        if len(_BUILT) >= 4:  # a long-lived worker serves many studies: keep the newest few
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = factory(dict(ref.get("config") or {}))
+    return _BUILT[key]
+
+
+__all__ = ["SCORER_BUILDERS", "SCORE_DIRECTIONS", "PTQScorer", "QATScorer", "Scorer", "build_scorer", "lend_scorer",
+           "ptq_scorer", "qat_scorer", "register_scorer_builder"]

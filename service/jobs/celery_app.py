@@ -76,9 +76,13 @@ def start_watchdog(interval: float) -> threading.Thread:
 
     def loop():
         settings = get_settings()
-        sf = session_factory(settings.db_url)
+        sf = None
         while True:
             try:
+                # Opened inside the loop: a database that is down at start, or a migration raced by another
+                # worker starting at the same moment, must not end the watchdog for the worker's lifetime.
+                if sf is None:
+                    sf = session_factory(settings.db_url)
                 recover(sf, settings)
             except Exception:
                 pass

@@ -30,6 +30,9 @@ class JobContext:
     attempt: int
     workdir: Path
     report: Callable[[float, str], bool]  # (fraction, message) -> still wanted?
+    # Whether the job is still wanted (False once a cancel was requested), as of the last heartbeat: cheap
+    # enough to ask between training steps, and it reports no progress.
+    wanted: Callable[[], bool] = lambda: True
 
     def progress(self, fraction: float, message: str = "") -> None:
         if not self.report(fraction, message):

@@ -110,7 +110,7 @@ def execute(sf: sessionmaker[Session], job: Job, worker_id: str, settings: Setti
             raise JobInterrupted(job.id)
         return hb.report(fraction, message)
 
-    ctx = JobContext(job.id, job.attempts, workdir, report)
+    ctx = JobContext(job.id, job.attempts, workdir, report, wanted=lambda: hb.wanted)
     hb.start()
     retry = lambda fn: _retry_db(fn, stopping, settings.db_retry_max)  # noqa: E731
     try:

@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
-from db import jobs as job_repo
 from db import repo
 
 from .. import views
@@ -43,8 +42,12 @@ def get_job(job_id: JobId, tenant: TenantId, sf: SF) -> JobOut:
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: JobId, tenant: TenantId, sf: SF) -> JobOut:
-    """Cancel a queued job at once; a running one stops at its next progress report (seconds)."""
+    """Cancel a queued job at once; a running one stops at its next progress report (seconds). A search's own
+    job takes the search's trial jobs with it (bayes, bomp-nas), and its study starts no further trial; the
+    trials already finished stay stored."""
+    from service import searches as service
+
     views.check_id(job_id, "job")
     if repo.get_job(sf, tenant, job_id) is None:
         raise views.not_found("job", job_id)
-    return views.job_out(job_repo.cancel(sf, job_id))
+    return views.job_out(service.cancel_job(sf, tenant, job_id))
