@@ -168,11 +168,13 @@ def _base_spec(family: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _datasets(data: str, selection_data: str | None, selection_fraction: float, seed: int):
-    """(train, selection) of a config: labelled ArrayDatasets, disjoint."""
+def _datasets(data: str, selection_data: str | None, selection_fraction: float, seed: int,
+              normalisation: Any = None):
+    """(train, selection) of a config: labelled ArrayDatasets, disjoint. Image files are normalised as the
+    family's base model expects (`normalisation`), or inherited weights would see inputs they never saw."""
     from zoo.data import DataSplits, load_data, split
 
-    loaded = load_data(data, seed=seed)
+    loaded = load_data(data, normalisation, seed=seed)
     if isinstance(loaded, DataSplits):
         train = loaded.train
         selection = loaded.calibration  # zoo data: never trained on by the zoo's models (see docstring)
@@ -185,11 +187,15 @@ def _datasets(data: str, selection_data: str | None, selection_fraction: float, 
         else:
             train, selection = loaded, None
     if selection_data is not None:
-        sel = load_data(selection_data, seed=seed)
+        sel = load_data(selection_data, normalisation, seed=seed)
         selection = sel.test if isinstance(sel, DataSplits) else sel
     if train is None or selection is None or train.y is None or selection.y is None:
         raise BitsearchError("bomp-nas needs labelled training and selection data")
     return train, selection
+
+
+def _hashable(normalisation: Any) -> Any:
+    return None if normalisation is None else tuple(tuple(float(v) for v in part) for part in normalisation)
 
 
 @functools.lru_cache(maxsize=2)
@@ -295,7 +301,8 @@ def train_candidate(cfg: BompNasConfig, arch: dict[str, Any], wbits: dict[str, i
     if budgets_only or not all(b.holds(metrics[b.metric]) for b in cfg.parsed_budgets()):
         out.seconds = time.perf_counter() - t0
         return out
-    train, selection = _datasets(cfg.data, cfg.selection_data, cfg.selection_fraction, cfg.data_seed)
+    train, selection = _datasets(cfg.data, cfg.selection_data, cfg.selection_fraction, cfg.data_seed,
+                                 _hashable(spec.normalisation))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # tiny models: one intra-op thread is faster and leaves cores to other workers

@@ -71,8 +71,8 @@ class QBitOptCallback:
     freeze_at        fraction of the total steps after which bits no longer change (1.0: never freeze).
     activation_part  {layer: {str(activation_bits): value}}, needed when options differ in activation bits.
 
-    `history` lists every update (step, predicted objectives, changed layers); `updates` / `changes` count
-    them; `calls` counts steps seen.
+    `history` lists every update (step, predicted objective of the current allocation, the re-solve's optimum
+    whether taken or not, changed layers); `updates` / `changes` count them; `calls` counts steps seen.
     """
 
     def __init__(
@@ -267,6 +267,10 @@ class QBitOptCallback:
             "step": int(state.step),
             "objective_before": float(cur_obj),
             "objective_after": float(sol.objective if switch else cur_obj),
+            # the re-solve's optimum even when it is not taken: how far the running sensitivities are from
+            # moving the allocation (equal to objective_before when the current allocation is still optimal)
+            "optimum": float(sol.objective),
+            "optimum_differs": bool(not same),
             "changed": changed,
             "allocation": {n: problem.options[k].label() for n, k in
                            zip(problem.layer_names, (sol.choice if switch else current))},
