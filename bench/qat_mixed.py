@@ -25,7 +25,8 @@ the mixed arms may use. Per run: `bench/results/qat_mixed_runs/<arm>-s<seed>.jso
 per-image correctness, packed). Per mixed arm against uniform: each seed's paired Δ with an exact McNemar
 test; over seeds, the mean Δ with (a) a t-interval over the per-seed paired Δs (seed variation only, df =
 seeds − 1) and (b) a two-level bootstrap (resample seeds, and the report images shared by all seeds: seed and
-image variation together); the wider of the two is the one to quote.
+image variation together). With few seeds the t-interval is very wide and the bootstrap, resampling only
+those seeds, understates seed variation: the +1.0 goal counts as met only when both lower bounds clear it.
 """
 
 from __future__ import annotations
