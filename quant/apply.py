@@ -110,6 +110,11 @@ class QuantizedLayer(nn.Module):
         self.weight_quant: Quantizer = FloatQuantizer(32)
         self.register_buffer("bias_correction", None)
         self._wq_cache: tuple[int, torch.Tensor] | None = None
+        # Derived weight quantizers by option, for the current statistics and weight version: searches and
+        # refinement switch a layer between a few options thousands of times, and output-MSE clipping and
+        # GPTQ rounding cost far more than the forward pass they feed.
+        self._wq_memo: dict[tuple, Quantizer] = {}
+        self._wq_memo_stats: InputStats | None = None  # the statistics the memo was derived from
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, bits={self.bits.label() if self.bits else None}"
@@ -145,6 +150,13 @@ class QuantizedLayer(nn.Module):
             return
         cfg = self.config
         w = self.layer.weight.detach()
+        if self._wq_memo_stats is not self.stats:
+            self._wq_memo, self._wq_memo_stats = {}, self.stats
+        memo_key = (bits, w.data_ptr(), w._version)
+        memo = None if cfg.stochastic_rounding else self._wq_memo.get(memo_key)
+        if memo is not None:
+            self._finish_set_bits(bits, w, memo)
+            return
         wq = self._make_weight_quantizer(bits)
         mean, ctx = (self.stats.weight_moments(self.layer) if self.stats else (None, ClipContext()))
         ctx.percentile = cfg.percentile
@@ -162,6 +174,15 @@ class QuantizedLayer(nn.Module):
         wq.to(w.device)
         if cfg.weight_rounding == "gptq" and not is_float_bits(bits.weight_bits):
             wq = self._gptq(w, wq, data_ctx)
+        if not cfg.stochastic_rounding:
+            if len(self._wq_memo) >= 64 or any(k[1:] != memo_key[1:] for k in self._wq_memo):
+                self._wq_memo.clear()  # other weights: the old entries no longer apply
+            self._wq_memo[memo_key] = wq
+        self._finish_set_bits(bits, w, wq)
+
+    def _finish_set_bits(self, bits: LayerBits, w: torch.Tensor, wq: Quantizer) -> None:
+        """Install weight quantizer `wq` for `bits`, then the input quantizer and bias correction."""
+        cfg = self.config
         self.weight_quant = wq
         iq = self._make_input_quantizer(bits)
         if not iq.self_calibrating:
@@ -169,6 +190,7 @@ class QuantizedLayer(nn.Module):
         self.input_quant = iq.to(w.device)
         self.bias_correction = None
         if cfg.bias_correction and not is_float_bits(bits.weight_bits):
+            mean = self.stats.weight_moments(self.layer)[0] if self.stats else None
             if mean is None:
                 raise BitsearchError("bias_correction needs calibration data")
             self.bias_correction = self._output_shift(wq(w) - w, mean)
