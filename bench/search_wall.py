@@ -72,6 +72,12 @@ class StageClock:
         self.switch(self.classify(msg))
 
 
+def _num(v) -> str:
+    if isinstance(v, dict):
+        v = v.get("value")
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "—"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="search_wall.md", help="result file name under bench/results")
@@ -122,8 +128,8 @@ def main() -> None:
         "",
         f"Recommendation: {ev.get('recommended', rec.point.kind)}, "
         f"{rec.point.metrics.get('avg_weight_bits', float('nan')):.3f} avg bits; top-1 on the 8,000 report "
-        f"images {rec.report.get('top1', float('nan')) if rec.report else float('nan'):.2f} % "
-        f"(the search's own report figure); why: {ev.get('reason', '')}.",
+        f"images {_num((rec.report or {}).get('top1'))} % (the search's own report figure); why: "
+        f"{ev.get('reason', '')}.",
         "",
         f"Command: `.venv/bin/python bench/search_wall.py{''.join(' ' + a for a in sys.argv[1:])}`.",
         "",

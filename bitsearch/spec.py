@@ -420,7 +420,9 @@ class SearchSpec(Strict):
     refine: bool | dict[str, Any] = Field(
         True,
         description="Interaction-aware refinement of the solver's point at the requested budgets (measured in "
-        "the quantized network): true, false, or settings {max_passes, max_rounds, verify_per_round, batch_size}.",
+        "the quantized network): true, false, or settings {max_passes (default: passes_per_variable x the "
+        "number of decision variables), passes_per_variable, max_rounds, verify_per_round, batch_size, "
+        "measure_samples}.",
     )
     confidence: float = Field(
         0.95,
