@@ -9,8 +9,10 @@ Data roles (disjoint by construction, checked): **calibration** = a seeded rando
 refinement's KL measurements; label-free, calibration role); **selection** = a random 2,000 of test.npz
 (`search.selection.split_roles`, seed 0): every candidate is measured there and the recommendation is
 chosen there (refinement may only *reject* a move there); **report** = the other 8,000 test images, on
-which nothing is chosen. PTQ with `QuantConfig(weight_clip="auto")` (per-channel weights, output-MSE
-clipping; activations per-tensor min-max).
+which nothing is chosen. PTQ with the search's default recipe (`quant.apply.SEARCH_PTQ_DEFAULTS`:
+per-channel weights with output-MSE clipping and GPTQ rounding, bias correction; per-tensor activations
+with MSE clipping), the uniform baselines realised exactly like the mixed points; `--recipe rtn` gives the
+previous one (`QuantConfig(weight_clip="auto")`: round to nearest, min-max activations).
 
 Weight-only: options W{2,3,4,5,6,8}, activations float; budgets in average weight bits. W/A: options
 W{2,3,4,5,6,8} x A{4,6,8} (first and last layers free like every other), budgets = size *and* BOPs of
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, write_result
 
 from quant import Allocation, LayerBits, QuantConfig
-from quant.apply import collect_statistics, set_allocation, wrap_model
+from quant.apply import collect_statistics, search_quant_config, set_allocation, wrap_model
 from quant.cost import CostModel
 from quant.layers import discover_layers
 from search import AllocationProblem, Budget, pareto_front, recommend, solve
@@ -52,7 +54,7 @@ from sensitivity import SensitivityOptions, compute_sensitivity
 from zoo import evaluate, load_model, load_npz
 
 T0 = time.perf_counter()
-CONFIG = QuantConfig(weight_clip="auto")
+CONFIG = search_quant_config({})  # the search's default recipe; main() may replace it (--recipe)
 WBITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -150,7 +152,7 @@ def run_setting(name, model, layers, calib, tune, sel_data, meas, wbits, abits, 
             tune,
             sel_data,
             CONFIG,
-            RefineConfig(max_passes=args.max_passes),
+            RefineConfig() if args.max_passes is None else RefineConfig(max_passes=args.max_passes),
         )
         ref_clock = c.stop()
         refined = refined_point(at_budget, ref, sweep.limit)
@@ -271,10 +273,16 @@ def main() -> None:
         "--method", default="fisher", help="sensitivity method (it must cover activations for W/A)"
     )
     ap.add_argument("--tune", type=int, default=512, help="train images for the refinement's KL")
-    ap.add_argument("--max-passes", type=float, default=60.0, help="refinement budget, passes over --tune")
+    ap.add_argument("--max-passes", type=float, default=None,
+                    help="refinement budget, passes over --tune (default: sized to the model, RefineConfig)")
+    ap.add_argument("--recipe", choices=("search", "rtn"), default="search",
+                    help="PTQ recipe: the search's default, or the earlier RTN + min-max activations")
     ap.add_argument("--front-points", type=int, default=8)
     ap.add_argument("--out", default="search_selection.md")
     args = ap.parse_args()
+    global CONFIG
+    if args.recipe == "rtn":
+        CONFIG = QuantConfig(weight_clip="auto")
     torch.manual_seed(0)
     require_shared(RESNET20, CIFAR_TRAIN, CIFAR_TEST)
     loaded = load_model("zoo:cifar-resnet20", RESNET20)
@@ -328,8 +336,10 @@ def main() -> None:
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         f"FP32: selection {fp['selection']:.2f} %, report {fp['report']:.2f} %. Sensitivity: `{args.method}` "
-        f"on the 256 calibration images. Refinement: KL on {args.tune} other train images, budget "
-        f"{args.max_passes:g} passes over them. Front: {args.front_points} ILP points plus the budget. "
+        f"on the 256 calibration images. PTQ recipe: `{args.recipe}` ({CONFIG.to_dict()['weight_clip']} weight "
+        f"clipping, {CONFIG.weight_rounding} rounding, {CONFIG.activation_clip} activation clipping, bias "
+        f"correction {'on' if CONFIG.bias_correction else 'off'}). Refinement: KL on {args.tune} other train "
+        f"images, budget {budget_text(args)}. Front: {args.front_points} ILP points plus the budget. "
         "Figures: top-1 on the 8,000 report images [95 % Wilson interval]; Δ: paired, points, 95 % "
         "interval (bootstrap) and exact McNemar p.",
         "",
@@ -402,6 +412,14 @@ def main() -> None:
     write_result(args.out.replace(".md", ".json"), json.dumps(rows, indent=1, default=str) + "\n")
     print(text)
     log(f"wrote {path}")
+
+
+def budget_text(args) -> str:
+    if args.max_passes is not None:
+        return f"{args.max_passes:g} passes over them"
+    d = RefineConfig()
+    return (f"{d.passes_per_variable:g} passes over them per decision variable (the default), moves ranked on "
+            f"the first {d.measure_samples} of them")
 
 
 def goals(rows) -> list[str]:

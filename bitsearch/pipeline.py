@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from quant import Allocation, QuantConfig, default_tie_groups
+from quant.apply import search_quant_config
 from quant.cost import CostModel
 from quant.errors import BitsearchError
 
@@ -91,7 +92,8 @@ def run_search(
     was_training = module.training if module is not None else None
     loaded, resolved = prepare(s, model, data, roles, example_input)
     try:
-        config = QuantConfig.from_dict(s.quant) if s.quant else QuantConfig()
+        # the search's PTQ recipe (GPTQ rounding, MSE clipping, bias correction) under the user's settings
+        config = search_quant_config(s.quant, calibration_available=resolved.calibration is not None)
         budgets = [Budget(b.metric, b.limit()) for b in s.budgets]  # validated by the spec
         timings["load"] = time.perf_counter() - t
 

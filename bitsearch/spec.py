@@ -409,7 +409,10 @@ class SearchSpec(Strict):
         description="Also time every measured front point end to end in ONNX Runtime (point.measured.latency_s).",
     )
     quant: dict[str, Any] = Field(
-        default_factory=dict, description="QuantConfig fields (clipping, granularity...)."
+        default_factory=dict,
+        description="QuantConfig fields (clipping, granularity...), over the search's recipe "
+        "(quant.apply.SEARCH_PTQ_DEFAULTS: output-MSE weight clipping, GPTQ rounding, MSE activation clipping, "
+        "bias correction) when calibration data exist.",
     )
     calib_size: int = Field(256, ge=1, le=100_000, description="Calibration items.")
     eval_limit: int | None = Field(None, ge=1, le=10_000_000, description="At most this many evaluation items.")
@@ -417,7 +420,9 @@ class SearchSpec(Strict):
     refine: bool | dict[str, Any] = Field(
         True,
         description="Interaction-aware refinement of the solver's point at the requested budgets (measured in "
-        "the quantized network): true, false, or settings {max_passes, max_rounds, verify_per_round, batch_size}.",
+        "the quantized network): true, false, or settings {max_passes (default: passes_per_variable x the "
+        "number of decision variables), passes_per_variable, max_rounds, verify_per_round, batch_size, "
+        "measure_samples}.",
     )
     confidence: float = Field(
         0.95,

@@ -51,15 +51,24 @@ from .problem import AllocationProblem
 
 @dataclass
 class RefineConfig:
-    """Settings of the refinement stage (validated)."""
+    """Settings of the refinement stage (validated).
+
+    The measurement budget is in full forward passes over the tuning data (a guard pass counts as its share
+    of items). Left unset it is sized to the model: `passes_per_variable` × the number of decision variables,
+    because one round measures about two moves per variable and the number of rounds needed to reach a
+    point where no move helps grows with the number of variables too; a fixed budget either stops large
+    models after one round or wastes passes on small ones.
+    """
 
     enabled: bool = True
-    max_passes: float = (
-        60.0  # measurement budget: full forward passes over the tuning data (guard: its share)
-    )
+    max_passes: float | None = None  # None: passes_per_variable × number of decision variables
+    passes_per_variable: float = 10.0
     max_rounds: int = 8
     verify_per_round: int = 4  # candidate moves measured for real per round
     batch_size: int = 256
+    #: the one-step moves are ranked on the first this many tuning items (a ranking only: every kept move
+    #: is verified on all of them); None: all
+    measure_samples: int | None = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -68,13 +77,22 @@ class RefineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BitsearchError(f"refine.{name} must be a positive integer, got {v!r}")
-        if (
-            isinstance(self.max_passes, bool)
-            or not isinstance(self.max_passes, (int, float))
-            or not self.max_passes > 0
-        ):
-            raise BitsearchError(f"refine.max_passes must be a positive number, got {self.max_passes!r}")
-        self.max_passes = float(self.max_passes)
+        for name in ("max_passes", "passes_per_variable"):
+            v = getattr(self, name)
+            if v is None and name == "max_passes":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+                raise BitsearchError(f"refine.{name} must be a positive number, got {v!r}")
+            setattr(self, name, float(v))
+        m = self.measure_samples
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise BitsearchError(f"refine.measure_samples must be a positive integer or null, got {m!r}")
+
+    def budget_for(self, n_vars: int) -> float:
+        """The measurement budget (passes over the tuning data) for a problem with `n_vars` variables."""
+        if self.max_passes is not None:
+            return self.max_passes
+        return self.passes_per_variable * max(1, int(n_vars))
 
     @classmethod
     def from_dict(cls, d: Any) -> RefineConfig:
@@ -94,9 +112,11 @@ class RefineConfig:
         return {
             "enabled": self.enabled,
             "max_passes": self.max_passes,
+            "passes_per_variable": self.passes_per_variable,
             "max_rounds": self.max_rounds,
             "verify_per_round": self.verify_per_round,
             "batch_size": self.batch_size,
+            "measure_samples": self.measure_samples,
         }
 
 
@@ -294,6 +314,7 @@ def refine(
     tune = as_dataset(tune_data, "tune_data")
     guard = as_dataset(guard_data, "guard_data") if guard_data is not None else None
     n_tune = len(tune)
+    max_passes = cfg.budget_for(problem.n_vars)
 
     qmodel = copy.deepcopy(model).eval()
     wrappers = wrap_model(qmodel, config)
@@ -350,8 +371,11 @@ def refine(
     total_macs = float(sum(li.macs for li in layers)) or 1.0
     macs_before = np.concatenate([[0.0], np.cumsum([li.macs for li in layers])[:-1]]) / total_macs
     first_layer = [min(members) for members in problem.groups]  # layer order = execution order
-    batches = [tune.x[i : i + cfg.batch_size] for i in range(0, n_tune, cfg.batch_size)]
-    ref_batches = [ref_tune[i : i + cfg.batch_size] for i in range(0, n_tune, cfg.batch_size)]
+    # moves are ranked on a prefix of the tuning data (cheaper); verification uses all of it
+    n_measure = n_tune if cfg.measure_samples is None else min(n_tune, cfg.measure_samples)
+    measure_share = n_measure / n_tune
+    batches = [tune.x[i : min(i + cfg.batch_size, n_measure)] for i in range(0, n_measure, cfg.batch_size)]
+    ref_batches = [ref_tune[i : min(i + cfg.batch_size, n_measure)] for i in range(0, n_measure, cfg.batch_size)]
 
     base_kl, kl = full(choice)
     kl_start = kl
@@ -372,12 +396,12 @@ def refine(
         # 1. one-step moves of every variable, measured with the others at their current options
         moves: list[tuple[int, int, float]] = []  # (variable, option, mean ΔKL)
         planned = [(g, step_options(problem, g, int(vc[g]))) for g in range(problem.n_vars)]
-        cost_round = sum(
+        cost_round = measure_share * sum(
             macs_before[first_layer[g]] * (1 if nb else 0) + (1 - macs_before[first_layer[g]]) * len(nb)
             for g, nb in planned
         )
-        if passes + cost_round + 1.0 > cfg.max_passes:
-            stopped = f"measurement budget reached ({passes:.1f} of {cfg.max_passes:g} passes)"
+        if passes + cost_round + 1.0 > max_passes:
+            stopped = f"measurement budget reached ({passes:.1f} of {max_passes:g} passes)"
             break
         set_allocation(qmodel, alloc_of(choice))
         for gi, (g, nb) in enumerate(planned):
@@ -404,12 +428,12 @@ def refine(
                     deltas[m].append(per)
                 for q in members:
                     q.set_bits(current_bits)
-            passes += prefix + (1 - prefix) * len(nb)
+            passes += measure_share * (prefix + (1 - prefix) * len(nb))
             measured_moves += len(nb)
             for m, k in enumerate(nb):
-                moves.append((g, k, float((torch.cat(deltas[m]) - base_kl).mean())))
+                moves.append((g, k, float((torch.cat(deltas[m]) - base_kl[:n_measure]).mean())))
             progress(
-                min(0.99, passes / cfg.max_passes), f"refine round {rounds}: measured {gi + 1}/{len(planned)}"
+                min(0.99, passes / max_passes), f"refine round {rounds}: measured {gi + 1}/{len(planned)}"
             )
         # 2. candidate moves: singles that fit alone, and pairs on two variables, by predicted ΔKL
         cands: list[tuple[float, tuple[tuple[int, int], ...]]] = []
@@ -441,8 +465,8 @@ def refine(
             if any(g in touched for g, _ in mv):
                 continue
             cost_verify = 1.0 + (len(guard) / n_tune if guard is not None else 0.0)
-            if passes + cost_verify > cfg.max_passes:
-                stopped = f"measurement budget reached ({passes:.1f} of {cfg.max_passes:g} passes)"
+            if passes + cost_verify > max_passes:
+                stopped = f"measurement budget reached ({passes:.1f} of {max_passes:g} passes)"
                 break
             tried += 1
             verified += 1
@@ -486,8 +510,12 @@ def refine(
     assert problem.feasible(choice)
     cost = {
         "passes": round(passes, 3),
-        "max_passes": cfg.max_passes,
+        "max_passes": max_passes,
+        "budget_rule": (
+            "set" if cfg.max_passes is not None else f"{cfg.passes_per_variable:g} x {problem.n_vars} variables"
+        ),
         "tune_samples": n_tune,
+        "measure_samples": n_measure,
         "guard_samples": len(guard) if guard is not None else 0,
         "rounds": rounds,
         "moves_measured": measured_moves,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.allocation import LayerBits, is_float_bits
-from quant.apply import DATA_CLIPS
+from quant.apply import weights_need_data
 
 from .base import SensitivityContext, SensitivityMethod, register_method
 from .plumbing import (
@@ -63,7 +63,7 @@ class FisherMethod(SensitivityMethod):
         wbits, abits = weight_options(opts.options), list(opts.activation_bits)
         int_acts = any(not is_float_bits(a) for a in abits)
         need_stats = int_acts or (
-            opts.quant.weight_clip in DATA_CLIPS and any(not is_float_bits(b.weight_bits) for b in wbits)
+            weights_need_data(opts.quant) and any(not is_float_bits(b.weight_bits) for b in wbits)
         )
         ctx.progress(0.0, "calibrating quantizers")
         wrappers = quantizer_wrappers(ctx, need_stats)

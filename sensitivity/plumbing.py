@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.allocation import LayerBits, is_float_bits
-from quant.apply import DATA_CLIPS, QuantizedLayer, _layer_forward, collect_statistics, wrap_model
+from quant.apply import QuantizedLayer, weights_need_data, _layer_forward, collect_statistics, wrap_model
 from quant.errors import BitsearchError
 
 from .base import SensitivityContext
@@ -328,9 +328,8 @@ def weight_noise_sq(
     """‖Q(W_l) − W_l‖² for every layer and weight option of the context (schemes included), keyed by
     `weight_option`."""
     wopts = weight_options(ctx.options.options)
-    need_stats = ctx.options.quant.weight_clip in DATA_CLIPS and any(
-        not is_float_bits(o.weight_bits) for o in wopts
-    )
+    # GPTQ rounding and bias correction need the statistics too: the table then prices the deployed error
+    need_stats = weights_need_data(ctx.options.quant) and any(not is_float_bits(o.weight_bits) for o in wopts)
     wrappers = quantizer_wrappers(ctx, need_stats)
     out: dict[str, dict[LayerBits, float]] = {}
     for i, layer in enumerate(ctx.layers):
