@@ -326,12 +326,21 @@ class FixedWeightQuantizer(Quantizer):
 
     def __init__(self, qweight: torch.Tensor, source: torch.Tensor, fallback: Quantizer):
         super().__init__(fallback.bits if fallback.bits <= 8 else 8, fallback.per_channel, fallback.ch_axis)
+        if not isinstance(fallback, SchemeQuantizer):
+            # On a calibrated grid (fixed scales) GPTQ's values are grid points up to float rounding of its own
+            # arithmetic; re-expressing them through the grid's dequantization makes them exactly the values
+            # the integer codes give (what an ONNX export reproduces bit for bit).
+            with torch.no_grad():
+                qweight = fallback(qweight.detach())
         self.register_buffer("qweight", qweight.detach().clone())
         self.fallback = fallback
         # The grid of a calibrated integer quantizer is the one GPTQ rounded onto: readers of scale and
         # zero point (exports) see it here, and `quantize` gives the exact integer codes of `qweight`.
         self.scale = fallback.scale.detach().clone()
         self.zero_point = fallback.zero_point.detach().clone()
+        # the weight it was computed from: identity (pointer, version) answers quickly; a copy of the model
+        # (deepcopy, export's frozen copy) has another pointer, so equal values are accepted too
+        self.register_buffer("source", source.detach().clone(), persistent=False)
         self._source = (source.data_ptr(), source._version)
 
     def levels(self) -> tuple[int, int]:
@@ -341,11 +350,21 @@ class FixedWeightQuantizer(Quantizer):
         return "rounding=gptq"
 
     def matches(self, w: torch.Tensor) -> bool:
-        return (w.data_ptr(), w._version) == self._source and w.shape == self.qweight.shape
+        if w.shape != self.qweight.shape:
+            return False
+        if (w.data_ptr(), w._version) == self._source:
+            return True
+        with torch.no_grad():
+            same = w.device == self.source.device and torch.equal(w.detach(), self.source.to(w.dtype))
+        if same:
+            self._source = (w.data_ptr(), w._version)
+        return same
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.matches(w):
             return self.fallback(w)
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return self.qweight.to(w.dtype)  # exactly the grid values (w + (q - w) may differ by an ulp)
         return w + (self.qweight.to(w.dtype) - w).detach()
 
     @torch.no_grad()

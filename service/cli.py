@@ -29,10 +29,11 @@ def ptq(
                                    "(default without --allocation: 8/8, 4/8, 4)."),
     allocation: list[Path] = typer.Option([], "--allocation", help="An allocation JSON (e.g. from `bitsearch search "
                                           "--allocation`) to evaluate as well. Repeatable."),
-    clip: str = typer.Option("auto", "--clip", help="Weight clipping: minmax, percentile, mse, aciq, output_mse, auto."),
-    act_clip: str = typer.Option("minmax", "--act-clip", help="Activation clipping: minmax, percentile, mse, aciq."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Weight clipping: minmax, percentile, mse, aciq, output_mse, auto (default: the search's PTQ recipe)."),
+    act_clip: Optional[str] = typer.Option(None, "--act-clip", help="Activation clipping: minmax, percentile, mse, aciq (default: the search's PTQ recipe)."),
+    rounding: Optional[str] = typer.Option(None, "--rounding", help="Weight rounding: nearest or gptq (default: the search's PTQ recipe)."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per layer instead of per channel."),
-    bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct the expected output shift."),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="Correct the expected output shift (default: the search's PTQ recipe)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on at most this many items."),
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
@@ -40,6 +41,7 @@ def ptq(
     """Post-training quantization of uniform bit-widths and of any allocation: accuracy, size and BOPs against
     FP32."""
     from quant import Allocation, QuantConfig
+    from quant.apply import search_quant_config
     from service.pipeline import (
         DEFAULT_PTQ_BITS,
         checked_allocation,
@@ -50,15 +52,15 @@ def ptq(
     )
 
     seed_everything(seed)
-    config = QuantConfig(
-        weight_clip=clip,
-        activation_clip=act_clip,
-        weight_granularity="per_tensor" if per_tensor else "per_channel",
-        bias_correction=bias_correction,
-        calibration_samples=calib_size,
-    )
+    # the flags given, over the search's PTQ recipe: an allocation from a search scores here as it did there
+    given = {"weight_clip": clip, "activation_clip": act_clip, "weight_rounding": rounding,
+             "bias_correction": bias_correction,
+             "weight_granularity": "per_tensor" if per_tensor else None}
+    quant = {k: v for k, v in given.items() if v is not None} | {"calibration_samples": calib_size}
+    QuantConfig.from_dict(quant)  # a bad flag is refused before anything loads
     with status("loading model and data") as s:
         inputs = resolve_inputs(model, str(weights) if weights else None, data, calib_data, calib_size, limit, seed)
+        config = search_quant_config(quant, calibration_available=inputs.calibration is not None)
         if inputs.evaluation is None:
             raise BitsearchError(f"{model} has no built-in data set: give --data (an .npz file)")
         allocations = uniform_allocations(inputs, bits or DEFAULT_PTQ_BITS) if bits or not allocation else []

@@ -17,12 +17,19 @@ from quant.errors import BitsearchError
 from .cli import app, console, err_console, fmt_num, status, write_json
 
 
-def _quant_dict(clip: str, act_clip: str, per_tensor: bool, calib_size: int) -> dict:
-    from quant import QuantConfig
+def _quant_dict(clip: str | None, act_clip: str | None, rounding: str | None, per_tensor: bool,
+                calib_size: int) -> dict:
+    """The flags the user gave, over the search's PTQ recipe (`quant.apply.search_quant_config`): an export
+    without flags realises the allocation exactly as a default search measured it."""
+    from quant.apply import QuantConfig
 
-    cfg = QuantConfig(weight_clip=clip, activation_clip=act_clip, calibration_samples=calib_size,
-                      weight_granularity="per_tensor" if per_tensor else "per_channel")
-    return cfg.to_dict()
+    given = {"weight_clip": clip, "activation_clip": act_clip, "weight_rounding": rounding}
+    out = {k: v for k, v in given.items() if v is not None}
+    out["calibration_samples"] = calib_size
+    if per_tensor:
+        out["weight_granularity"] = "per_tensor"
+    QuantConfig.from_dict(out)  # a bad flag is refused before anything loads
+    return out
 
 
 @app.command("export")
@@ -35,8 +42,9 @@ def export_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="Data: zoo:NAME or an .npz file (default: the model's)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data (zoo:NAME or .npz)."),
     calib_size: int = typer.Option(256, "--calib-size", min=1, help="Calibration samples (as the search used)."),
-    clip: str = typer.Option("minmax", "--clip", help="Weight clipping, as in the search's quant config."),
-    act_clip: str = typer.Option("minmax", "--act-clip", help="Activation clipping, as in the search's quant config."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Weight clipping (default: the search's PTQ recipe)."),
+    act_clip: Optional[str] = typer.Option(None, "--act-clip", help="Activation clipping (default: the search's PTQ recipe)."),
+    rounding: Optional[str] = typer.Option(None, "--rounding", help="Weight rounding: nearest or gptq (default: the search's PTQ recipe)."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per layer."),
     int4: str = typer.Option("auto", "--int4", help="int4 weight containers: auto (where ONNX Runtime runs them), always, never."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17, or 21 with int4)."),
@@ -55,7 +63,7 @@ def export_cmd(
         raise BitsearchError("give either --allocation FILE or --bits W/A (uniform)")
     spec = {
         "model": model, "weights": str(weights) if weights else None, "data": data, "calib_data": calib_data,
-        "calib_size": calib_size, "seed": seed, "quant": _quant_dict(clip, act_clip, per_tensor, calib_size),
+        "calib_size": calib_size, "seed": seed, "quant": _quant_dict(clip, act_clip, rounding, per_tensor, calib_size),
     }
     with status("exporting") as s:
         alloc = Allocation.load(allocation) if allocation is not None else str(bits)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quant import Allocation, QuantConfig, apply_allocation
+from quant import Allocation, apply_allocation
+from quant.apply import search_quant_config
 from quant.errors import BitsearchError
 
 PROVIDERS = {
@@ -56,7 +57,9 @@ def export_allocation(
         spec["model"], spec.get("weights"), None if data_free else data, spec.get("calib_data"),
         int(spec.get("calib_size") or 256), None, int(spec.get("seed") or 0),
     )
-    config = QuantConfig.from_dict(spec["quant"]) if spec.get("quant") else QuantConfig()
+    # realised as the search realised it: its PTQ recipe under the user's settings (plain QuantConfig defaults
+    # when it had no calibration data), so the exported model is the one whose accuracy the front shows
+    config = search_quant_config(spec.get("quant"), calibration_available=inputs.calibration is not None)
     if isinstance(allocation, str):
         allocation = Allocation.uniform(inputs.layer_names, allocation, model=spec["model"])
     allocation.check_layers(inputs.layer_names)

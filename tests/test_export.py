@@ -62,6 +62,33 @@ def test_round_trip_in_onnx_runtime_matches_fake_quant(model, kind, digits):
     assert [c["name"] for c in meta["containers"]] == names
 
 
+def test_a_search_realised_allocation_gptq_and_bias_correction_exports_faithfully(digits):
+    """A search realises points with its PTQ recipe (GPTQ rounding, MSE clipping, bias correction): the
+    exported model must be that model. GPTQ's weights used to be off the grid by float rounding and were lost
+    in the export's copy of the model, so this export was refused."""
+    import copy
+
+    from quant.apply import search_quant_config
+
+    lm = load_model("zoo:digits-cnn")
+    names = _names(lm)
+    alloc = _mixed(names)
+    q = apply_allocation(lm.model, alloc, calibration=digits.calibration.x, config=search_quant_config({}))
+    assert any(l.config.weight_rounding == "gptq" for l in quantized_layers(q).values())
+    res = export_onnx(q, lm.example_input, allocation=alloc)
+    fid = check_fidelity(q, res.model, digits.test.x, digits.test.y)
+    assert fid.agreement >= 0.999
+    deq = dequantized_weights(res.model)
+    copied = copy.deepcopy(q)  # a copy keeps GPTQ's weights (not the round-to-nearest fallback)
+    for name, layer in quantized_layers(q).items():
+        if alloc[name].weight_bits > 8:
+            continue
+        with torch.no_grad():
+            ref = layer.quantized_weight().numpy()
+            assert np.array_equal(quantized_layers(copied)[name].quantized_weight().numpy(), ref), name
+        assert np.array_equal(deq[f"{name}.weight_q"], ref), name
+
+
 def test_dequantized_weights_equal_fake_quant_weights_bit_for_bit(digits):
     lm = load_model("zoo:digits-cnn")
     names = _names(lm)

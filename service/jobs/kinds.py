@@ -66,7 +66,7 @@ def get_kind(name: str) -> JobFn:
 
 @register_kind("ptq")
 def _ptq(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
-    from quant import QuantConfig
+    from quant.apply import search_quant_config
     from service.pipeline import resolve_inputs, run_ptq, uniform_allocations
 
     inputs = resolve_inputs(spec["model"], spec.get("weights"), spec.get("data"), spec.get("calib_data"),
@@ -79,7 +79,9 @@ def _ptq(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         ctx.progress(done[0] / (2 * steps), msg)
         done[0] += 1
 
-    ref, results = run_ptq(inputs, allocs, QuantConfig.from_dict(spec.get("quant", {})), progress)
+    # the search's PTQ recipe under the request's settings, so a search's allocation scores as it did there
+    config = search_quant_config(spec.get("quant"), calibration_available=inputs.calibration is not None)
+    ref, results = run_ptq(inputs, allocs, config, progress)
     out = {"reference": ref.to_dict(), "results": [r.to_dict() for r in results]}
     best = results[0]
     return JobOutput(out, ResultRow("ptq", best.metrics, best.allocation.to_dict(), None, best.cost))
