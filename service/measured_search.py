@@ -10,14 +10,13 @@ trial, never a double count. A bayes trial worker rebuilds the scorer from the s
 
 Cancelling the search's job cancels its trial jobs and marks its study stopped (`service.searches.cancel_job`):
 no runner starts another trial, running ones stop at their next check, and the trials already finished stay
-in the study (`search_trials` reads them).
+in the study (`service.trial_views` reads them).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,87 +159,6 @@ def scorer_from_search_spec(config: dict[str, Any]) -> Any:
                         resolved.train, quant_config)
 
 
-# --- a search's trials, for the dashboard and the API ------------------------------------------------------
-
-
-@dataclass
-class TrialRecord:
-    """One trial of a search's study, as stored: what it measured and what it cost, and who ran it."""
-
-    number: int
-    state: str  # COMPLETE, FAIL, RUNNING, WAITING
-    worker: str | None
-    score: float | None  # the study's first objective: top-1 on the selection split (bayes: the scorer's)
-    cost: float | None  # the study's cost objective (`cost_metric`)
-    cost_metric: str | None
-    measured: bool  # False: over budget, costed only (its score is the worst)
-    feasible: bool  # within every budget
-    metrics: dict[str, float] | None  # every cost metric (internal units: bits, BOPs)
-    retry_of: int | None  # the trial a re-run repeats (its worker was lost)
-    error: str | None  # a failed trial's reason (timeout, ...)
-    cancelled: bool  # ended unfinished because its search was cancelled
-    arch: dict[str, Any] | None  # bomp-nas: the architecture
-    started: str | None  # ISO times
-    finished: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def search_trials(search_id: str, db_url: str | None = None) -> list[TrialRecord]:
-    """The trials of a search's fan-out study (bayes, bomp-nas) in trial order, surplus rows left out; an empty
-    list when the search has no study (another solver, or not started). Finished trials of a cancelled search
-    are here too."""
-    import math
-
-    import optuna
-
-    from search.study_storage import make_storage
-    from search.trials import load_fanout_study
-    from service.settings import get_settings
-
-    url = study_url(db_url or get_settings().db_url)
-    if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).exists():
-        return []
-    probe = make_storage(url)
-    try:
-        names = {s.study_name for s in optuna.get_all_study_summaries(probe, include_best_trial=False)}
-    finally:
-        engine = getattr(probe, "engine", None)
-        if engine is not None:
-            engine.dispose()
-    if study_name(search_id) not in names:
-        return []
-    study, _ = load_fanout_study(url, study_name(search_id))
-    try:
-        cost_metric = (study.user_attrs.get("bitsearch.objective", {}).get("config", {}).get("cost_metric"))
-        out = []
-        for t in study.get_trials(deepcopy=False):
-            if t.user_attrs.get("surplus"):
-                continue
-            cons = t.constraints or []
-            vals = list(cons.values()) if isinstance(cons, dict) else list(cons)
-            score = cost = None
-            if t.values is not None:
-                score = float(t.values[0]) if math.isfinite(t.values[0]) else None
-                cost = float(t.values[1]) if len(t.values) > 1 else None
-            out.append(TrialRecord(
-                number=t.number, state=t.state.name, worker=t.user_attrs.get("worker"),
-                score=score if t.user_attrs.get("measured") else None, cost=cost, cost_metric=cost_metric,
-                measured=bool(t.user_attrs.get("measured")), feasible=all(v <= 0 for v in vals),
-                metrics=t.user_attrs.get("metrics"), retry_of=t.system_attrs.get("failed_trial"),
-                error=t.user_attrs.get("error"), cancelled=bool(t.user_attrs.get("cancelled")),
-                arch=t.user_attrs.get("arch"),
-                started=t.datetime_start.isoformat() if t.datetime_start else None,
-                finished=t.datetime_complete.isoformat() if t.datetime_complete else None,
-            ))
-        return out
-    finally:
-        engine = getattr(study._storage, "engine", None)
-        if engine is not None:
-            engine.dispose()
-
-
 def stop_search_study(search_id: str, db_url: str | None = None, reason: str = "search cancelled") -> bool:
     """Mark a search's study stopped (no runner starts another trial); False when it has none."""
     from search.trials import stop_study
@@ -255,9 +173,7 @@ def stop_search_study(search_id: str, db_url: str | None = None, reason: str = "
 __all__ = [
     "FANOUT_SOLVERS",
     "MEASURED_SOLVERS",
-    "TrialRecord",
     "scorer_from_search_spec",
-    "search_trials",
     "stop_search_study",
     "study_name",
     "check_servable",

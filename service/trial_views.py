@@ -50,6 +50,7 @@ class TrialView:
     worker: str | None = None
     warm_start: bool = False  # bayes: a seed (the ILP's answer or a uniform baseline), not a sampled point
     seconds: float | None = None
+    cancelled: bool = False  # ended unfinished because its search was cancelled
 
 
 @dataclass
@@ -204,6 +205,47 @@ def _bits_of(t: Any, solver: str) -> dict[str, str]:
     return {}
 
 
+def trial_views(raw: list[Any], solver: str) -> list[TrialView]:
+    """Optuna's frozen trials of a search's study, as views (in trial order; surplus rows already left out)."""
+    trials = []
+    for t in raw:
+        values = t.values or []
+        measured = bool(t.user_attrs.get("measured"))
+        metrics = {k: float(v) for k, v in (t.user_attrs.get("metrics") or {}).items() if _finite(v) is not None}
+        seconds = _finite(t.user_attrs.get("seconds"))  # bomp-nas times its trial's work itself
+        if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        retry = t.system_attrs.get("failed_trial")
+        trials.append(TrialView(
+            number=t.number, state=t.state.name, measured=measured and t.state.name == "COMPLETE",
+            score=_finite(values[0]) if values and measured else None,
+            cost=_finite(values[1]) if len(values) > 1 else None,
+            metrics=metrics, bits=_bits_of(t, solver),
+            arch=t.user_attrs.get("arch") if isinstance(t.user_attrs.get("arch"), dict) else None,
+            error=t.user_attrs.get("error"), retry_of=int(retry) if isinstance(retry, int) else None,
+            worker=t.user_attrs.get("worker") if isinstance(t.user_attrs.get("worker"), str) else None,
+            warm_start=bool(t.user_attrs.get("warm_start")), seconds=seconds,
+            cancelled=bool(t.user_attrs.get("cancelled")),
+        ))
+    return trials
+
+
+def study_trials(search_id: str, db_url: str, solver: str = "bayes") -> list[TrialView]:
+    """Every trial of a search's study, read afresh from the database at `db_url` (the service's); an empty
+    list when the search has no study yet. No tenant check: `search_trials` is the API's reader."""
+    from service.measured_search import study_url
+
+    storage = _reader(study_url(db_url), f"search-{search_id}", running=False)
+    if storage is None:
+        return []
+    try:
+        study_id = storage.get_study_id_from_name(f"search-{search_id}")
+    except KeyError:
+        return []
+    raw = [t for t in storage.get_all_trials(study_id, deepcopy=False) if not t.user_attrs.get("surplus")]
+    return trial_views(raw, solver)
+
+
 def search_trials(sf: Any, settings: Settings, tenant_id: str, search_id: str) -> TrialsView:
     """The trials of a bayes or bomp-nas search's study (NotFound for another tenant's search, or a search
     whose solver runs no trials)."""
@@ -242,25 +284,7 @@ def search_trials(sf: Any, settings: Settings, tenant_id: str, search_id: str) -
         score_name = str((attrs.get(_ATTR_SCORER) or {}).get("metric") or "score")
         total = planned
     maximize = (directions or ["maximize"])[0] == "maximize"
-    trials = []
-    for t in raw:
-        values = t.values or []
-        measured = bool(t.user_attrs.get("measured"))
-        metrics = {k: float(v) for k, v in (t.user_attrs.get("metrics") or {}).items() if _finite(v) is not None}
-        seconds = _finite(t.user_attrs.get("seconds"))  # bomp-nas times its trial's work itself
-        if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
-            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        retry = t.system_attrs.get("failed_trial")
-        trials.append(TrialView(
-            number=t.number, state=t.state.name, measured=measured and t.state.name == "COMPLETE",
-            score=_finite(values[0]) if values and measured else None,
-            cost=_finite(values[1]) if len(values) > 1 else None,
-            metrics=metrics, bits=_bits_of(t, solver),
-            arch=t.user_attrs.get("arch") if isinstance(t.user_attrs.get("arch"), dict) else None,
-            error=t.user_attrs.get("error"), retry_of=int(retry) if isinstance(retry, int) else None,
-            worker=t.user_attrs.get("worker") if isinstance(t.user_attrs.get("worker"), str) else None,
-            warm_start=bool(t.user_attrs.get("warm_start")), seconds=seconds,
-        ))
+    trials = trial_views(raw, solver)
     _pareto(trials, maximize)
     states = [t.state for t in trials]
     if solver == "bomp-nas":

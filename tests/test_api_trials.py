@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from db import jobs as job_repo
 from db.models import Job
-from service.measured_search import search_trials
+from service.trial_views import study_trials as search_trials
 from service.settings import get_settings
 from tests.test_api import _fresh_settings, api, db_url, settings, sf, submit  # noqa: F401
 

@@ -192,6 +192,7 @@ class TrialOut(BaseModel):
     worker: str | None
     warm_start: bool
     seconds: float | None
+    cancelled: bool = Field(False, description="Ended unfinished because its search was cancelled")
 
 
 class TrialProgressOut(BaseModel):
