@@ -35,6 +35,8 @@ so no code travels through the database.
 
 from __future__ import annotations
 
+import copy
+
 import math
 import os
 import threading
@@ -263,6 +265,41 @@ def _dispose(storage: Any) -> None:
         engine.dispose()
 
 
+def _fail_heartbeatless(study: Any, grace: float) -> None:
+    """A worker killed between `study.ask()` and its trial's first heartbeat leaves a RUNNING trial without a
+    heartbeat row, which `fail_stale_trials` never calls stale, so the study would wait for it for ever. Such a
+    trial older than the grace period is failed and handed to the same stale-trial callback (re-run once)."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is None:
+        return
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=grace)  # Optuna stores local naive times
+    old = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and t.datetime_start < cutoff]
+    if not old:
+        return
+    query = sa.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+        sa.bindparam("ids", expanding=True))
+    with engine.connect() as conn:
+        beating = {row[0] for row in conn.execute(query, {"ids": old})}
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in old:
+        if trial_id in beating:
+            continue  # fail_stale_trials judges it by its heartbeat
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except Exception:  # another worker failed or finished it first
+            continue
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
 class _Heartbeat:
     def __init__(self, storage: Any, trial_id: int, interval: float):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
@@ -356,6 +393,7 @@ def _loop(study, fan, objective, worker, n, poll, wait_for_others, on_trial, sto
                 run.cancelled = True
                 break
             optuna.storages.fail_stale_trials(study)
+            _fail_heartbeatless(study, fan.grace_period or 2 * fan.heartbeat_interval)
             prog = progress_of(study.get_trials(deepcopy=False))
             run.progress = prog
             if prog.waiting == 0 and prog.done + prog.running >= fan.total_trials:

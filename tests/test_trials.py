@@ -108,6 +108,24 @@ def test_worker_killed_mid_trial_is_rerun_once_and_study_resumes(tmp_path, backe
     assert progress_of(load_fanout_study(url, name)[0].get_trials()).done == 3
 
 
+def test_a_trial_lost_before_its_first_heartbeat_is_rerun_once(tmp_path, backend):
+    """A worker killed between `ask()` and its trial's first heartbeat leaves a RUNNING trial with no heartbeat
+    row, which Optuna's stale check never fails: the study used to wait for it for ever."""
+    import warnings
+
+    url, name, _ = _study(tmp_path, 3, backend)
+    study, _ = load_fanout_study(url, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lost = study.ask()  # the worker dies here: no heartbeat was ever recorded
+    time.sleep(2.5)  # past the grace period (2 s)
+    run = run_trials(url, name, worker="w2")
+    trials = load_fanout_study(url, name)[0].get_trials(deepcopy=False)
+    assert trials[lost.number].state.name == "FAIL"
+    assert [t.system_attrs.get("failed_trial") for t in trials].count(lost.number) == 1  # re-run once
+    assert run.completed == 3 and progress_of(trials).done == 3
+
+
 def test_trial_timeout_fails_the_trial_and_counts_it_once(tmp_path, monkeypatch):
     url, name, markers = _study(tmp_path, 2, trial_timeout=0.3)
     monkeypatch.setenv("BITSEARCH_TEST_SLOW_TRIAL", "5")
