@@ -20,6 +20,7 @@ from db.models import Job
 from service.trial_views import study_trials as search_trials
 from service.settings import get_settings
 from tests.test_api import _fresh_settings, api, db_url, settings, sf, submit  # noqa: F401
+from tests.test_worker_crash import _wait
 
 BODY = {"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]}, "calib_size": 64,
         "budgets": [{"metric": "avg_weight_bits", "value": 6}], "pareto_points": 2,
@@ -28,16 +29,6 @@ BODY = {"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bit
         # far more trials than the test lets run: it is cancelled once trials ran on two workers
         "solver": {"name": "bayes", "settings": {"n_trials": 5000, "workers": 3}}}
 BIN = Path(sys.executable).parent / "bitsearch"
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _trial_jobs(sf) -> list[Job]:  # noqa: F811

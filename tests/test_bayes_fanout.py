@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from quant.errors import BitsearchError
 from search import AllocationProblem, pareto_front
@@ -20,6 +19,7 @@ from search.solvers.bayes import BayesFanout, BayesSolver, ProblemSnapshot, buil
 from search.trials import load_fanout_study, progress_of, run_trials, stop_study
 from sensitivity import SensitivityOptions, compute_sensitivity
 from tests import trial_objectives  # noqa: F401  (registers the "test-digits-ptq" scorer builder)
+from tests.test_search_bayes_qbitopt import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 optuna = pytest.importorskip("optuna")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +28,6 @@ RUNNER = (
     "from search.trials import run_trials; r = run_trials(sys.argv[1], sys.argv[2], worker=sys.argv[3]); "
     "print('ran', r.ran)"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
