@@ -24,7 +24,7 @@ from tests.test_worker_crash import _wait
 
 BODY = {"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]}, "calib_size": 64,
         "budgets": [{"metric": "avg_weight_bits", "value": 6}], "pareto_points": 2,
-        # refinement is not what these tests are about (and it can step over this budget: search/refine.py)
+        # refinement is not what these tests are about, and it would only lengthen them
         "refine": False,
         # far more trials than the test lets run: it is cancelled once trials ran on two workers
         "solver": {"name": "bayes", "settings": {"n_trials": 5000, "workers": 3}}}
