@@ -393,15 +393,28 @@ def measure_points(
         raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
     ref = measuring.reference(data)
     measuring.wrapped([p.allocation for p in points])  # calibrated before the first point, as one pass
+    # A sweep's cheapest and dearest points are often the uniform allocations themselves: an allocation
+    # measures the same wherever it appears, so it is measured once.
+    done: dict[frozenset, ParetoPoint] = {}
     for i, p in enumerate(points):
-        r = measuring.evaluate(p.allocation, data)
-        if role == "selection":
-            p.measured = r.to_dict()
+        key = frozenset(p.allocation.layers.items())
+        twin = done.get(key)
+        if twin is None:
+            r = measuring.evaluate(p.allocation, data)
+            figures = r.to_dict()
+            p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
+            if r.n > 1:
+                p.intervals[role] = point_intervals(p.samples[role], confidence)
+            done[key] = p
         else:
-            p.report = r.to_dict()
-        p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
-        if r.n > 1:
-            p.intervals[role] = point_intervals(p.samples[role], confidence)
+            figures = dict(twin.measured if role == "selection" else twin.report)
+            p.samples[role] = {k: v.copy() for k, v in twin.samples[role].items()}
+            if role in twin.intervals:
+                p.intervals[role] = copy.deepcopy(twin.intervals[role])
+        if role == "selection":
+            p.measured = figures
+        else:
+            p.report = figures
         if progress is not None:
             progress((i + 1) / len(points), f"measured {i + 1}/{len(points)}")
     return ref

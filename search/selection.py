@@ -668,7 +668,8 @@ def recommend_with_evidence(
         costs[f"measure_{role}"] = {
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
-            "passes": len(points),
+            "points": len(points),
+            "passes": len({frozenset(p.allocation.layers.items()) for p in points}),  # repeats measured once
             "samples": len(data),
         }
         return ref

@@ -58,9 +58,9 @@ def test_by_default_only_the_points_shown_with_evidence_are_measured_on_report(b
     assert rec.report["n"] == 180 and rec.evidence["recommended_report"]["n"] == 180
     if rec.evidence["selection"] is not None:  # a baseline and a contender: the report test is there too
         assert rec.evidence["report"]["n"] == 180
-    assert r.costs["measure_report"]["passes"] == len(on_report)
+    assert r.costs["measure_report"]["points"] == len(on_report)
     assert r.costs["measure_report"]["report_points"] == "evidence"
-    assert r.costs["measure_selection"]["passes"] == len(r.points)
+    assert r.costs["measure_selection"]["points"] == len(r.points)
     assert any(f"evidence points only ({len(on_report)} of {len(r.points)}" in n for n in r.notes)
     assert r.reference_report["n"] == 180
     # swept recommendations keep working without report figures, and survive a JSON round trip
@@ -75,7 +75,7 @@ def test_by_default_only_the_points_shown_with_evidence_are_measured_on_report(b
 def test_all_measures_every_point_and_the_choice_is_the_same(both):
     ev_, all_ = both
     assert all(p.report["n"] == 180 and "report" in p.intervals for p in all_.points)
-    assert all_.costs["measure_report"]["passes"] == len(all_.points)
+    assert all_.costs["measure_report"]["points"] == len(all_.points)
     assert not any("evidence points only" in n for n in all_.notes)
     assert [p.allocation.to_dict() for p in ev_.points] == [p.allocation.to_dict() for p in all_.points]
     assert [p.measured for p in ev_.points] == [p.measured for p in all_.points]
@@ -192,7 +192,7 @@ def test_a_pure_sweep_measures_every_swept_recommendations_evidence_points(digit
             assert p is None or id(p) in ids
     for p in out.candidates():
         assert bool(p.report) == (id(p) in ids) and "selection" in p.samples
-    assert costs["measure_report"]["passes"] == len(shown)
+    assert costs["measure_report"]["points"] == len(shown)
     for r in recs:  # every sweep recommendation carries its report evidence
         assert r.evidence.recommended_report is not None
         if r.evidence.selection is not None:
@@ -219,3 +219,25 @@ def test_one_wrapped_model_serves_both_roles_with_the_figures_of_fresh_copies(di
     assert shared.reference == fresh.reference and shared.report_reference == fresh.report_reference
     # the FP32 logits of each data set were computed once
     assert len(m._references) == 2
+
+
+def test_an_allocation_on_the_front_twice_is_measured_once_with_the_same_figures(digits):
+    from quant.apply import apply_allocation, search_quant_config
+    from search import measure_front, pareto_front
+    from zoo.evaluate import evaluate
+
+    model, calibration, selection, _, layers = digits
+    front = pareto_front(_problem(layers), "avg_weight_bits", 4)
+    config = search_quant_config({})
+    key = lambda p: frozenset(p.allocation.layers.items())  # noqa: E731
+    keys = [key(p) for p in front.candidates()]
+    assert len(set(keys)) < len(keys), "the sweep's ends are the uniform W2 and W8 allocations"
+    measured = measure_front(front, model, calibration, selection, config)
+    ref = evaluate(model, selection)
+    for p in measured.candidates():
+        twins = [q for q in measured.candidates() if key(q) == key(p)]
+        assert all(q.measured == p.measured and q.intervals == p.intervals for q in twins)
+        if len(twins) > 1:  # the copied figures are what the allocation measures on a fresh copy
+            fresh = evaluate(apply_allocation(model, p.allocation, calibration, config), selection,
+                             reference_logits=ref.logits)
+            assert fresh.to_dict() == p.measured

@@ -372,7 +372,7 @@ def test_search_selects_on_one_part_reports_on_another_and_carries_evidence():
     on_report = [p for p in r.points if "report" in p.intervals]
     assert rec.point in on_report and 1 <= len(on_report) <= 3
     assert r.costs["refine"]["passes"] <= 12 and r.costs["measure_report"]["samples"] == 180
-    assert r.costs["measure_report"]["passes"] == len(on_report)
+    assert r.costs["measure_report"]["points"] == len(on_report)
     assert r.reference_report["n"] == 180
     back = SearchResult.from_json(r.to_json())
     assert back.recommendation.evidence == r.recommendation.evidence == r.to_dict()["recommendations"][-1]["evidence"]
