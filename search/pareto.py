@@ -320,7 +320,9 @@ class MeasuringModel:
     far more than the forward pass they feed; `quant.apply.QuantizedLayer`), but only for as long as that
     wrapped copy lives. One search measures the refinement's moves, every candidate on the selection data
     and the evidence points on the report data: sharing one wrapped copy derives each (layer, option) once
-    instead of once per copy. The FP32 model's logits of each data set are computed once too.
+    instead of once per copy. The FP32 model's logits of each data set are computed once too, and an
+    allocation met again on the same data (a front's twin points, the refinement's guarded start point) is
+    answered from memory: the figures and per-item values, not the logits, are kept.
 
     The copy is wrapped on first use and calibrated on `calibration` the first time an allocation needs it
     (quantized activations, data-driven clipping, GPTQ, bias correction), as a fresh copy would be.
@@ -335,7 +337,9 @@ class MeasuringModel:
         self.qmodel: Any = None
         self.layers: dict[str, Any] = {}
         self.calibrated_items: int | None = None  # items of the calibration pass, once it ran
+        self.passes = 0  # quantized passes over a data set actually run (repeats are answered from memory)
         self._references: dict[int, tuple[Any, Any]] = {}  # id(data) -> (data, FP32 EvalResult)
+        self._results: dict[tuple[frozenset, int], Any] = {}  # (allocation, id(data)) -> EvalResult
 
     def wrapped(self, allocations: Iterable[Allocation] = (), calibrate: bool = False) -> Any:
         """The wrapped copy, calibrated when `calibrate` or any of `allocations` needs it."""
@@ -359,19 +363,38 @@ class MeasuringModel:
         from zoo.evaluate import evaluate
 
         hit = self._references.get(id(data))
-        if hit is None or hit[0] is not data:
+        if hit is None or hit[0] is not data or hit[1] is None:
             hit = (data, evaluate(self.model, data))  # the data are kept so that their id stays theirs
             self._references[id(data)] = hit
         return hit[1]
 
+    def release(self, data: Any) -> None:
+        """Drop the FP32 logits of `data` (a language model's are N × vocab × T) once no more passes need them;
+        the figures already measured on it are kept."""
+        hit = self._references.get(id(data))
+        if hit is not None and hit[0] is data:
+            self._references[id(data)] = (data, None)
+
     def evaluate(self, allocation: Allocation, data: Any) -> Any:
-        """`zoo.evaluate.evaluate` of the quantized model at `allocation` on `data`, against the FP32 logits."""
+        """`zoo.evaluate.evaluate` of the quantized model at `allocation` on `data` (an `ArrayDataset`)
+        against the FP32 logits, without its logits. The same allocation on the same data is run once: the
+        sweep's ends are often the uniform W2 and W8 allocations themselves, and the refinement's guard has
+        already run its start point on the selection data."""
+        import dataclasses
+
         from quant.apply import set_allocation
         from zoo.evaluate import evaluate
 
-        qmodel = self.wrapped([allocation])
-        set_allocation(qmodel, allocation)
-        return evaluate(qmodel, data, reference_logits=self.reference(data).logits)
+        ref = self.reference(data)  # also keeps `data` alive, so that its id stays its own
+        key = (frozenset(allocation.layers.items()), id(data))
+        hit = self._results.get(key)
+        if hit is None:
+            qmodel = self.wrapped([allocation])
+            set_allocation(qmodel, allocation)
+            r = evaluate(qmodel, data, reference_logits=ref.logits)
+            self.passes += 1
+            hit = self._results[key] = dataclasses.replace(r, logits=None)
+        return hit
 
 
 def measure_points(
@@ -393,28 +416,15 @@ def measure_points(
         raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
     ref = measuring.reference(data)
     measuring.wrapped([p.allocation for p in points])  # calibrated before the first point, as one pass
-    # A sweep's cheapest and dearest points are often the uniform allocations themselves: an allocation
-    # measures the same wherever it appears, so it is measured once.
-    done: dict[frozenset, ParetoPoint] = {}
     for i, p in enumerate(points):
-        key = frozenset(p.allocation.layers.items())
-        twin = done.get(key)
-        if twin is None:
-            r = measuring.evaluate(p.allocation, data)
-            figures = r.to_dict()
-            p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
-            if r.n > 1:
-                p.intervals[role] = point_intervals(p.samples[role], confidence)
-            done[key] = p
-        else:
-            figures = dict(twin.measured if role == "selection" else twin.report)
-            p.samples[role] = {k: v.copy() for k, v in twin.samples[role].items()}
-            if role in twin.intervals:
-                p.intervals[role] = copy.deepcopy(twin.intervals[role])
+        r = measuring.evaluate(p.allocation, data)  # an allocation met before is not run again
         if role == "selection":
-            p.measured = figures
+            p.measured = r.to_dict()
         else:
-            p.report = figures
+            p.report = r.to_dict()
+        p.samples[role] = {k: v.numpy().copy() for k, v in r.per_sample.items()}
+        if r.n > 1:
+            p.intervals[role] = point_intervals(p.samples[role], confidence)
         if progress is not None:
             progress((i + 1) / len(points), f"measured {i + 1}/{len(points)}")
     return ref

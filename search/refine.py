@@ -301,7 +301,7 @@ def refine(
     from quant.apply import needs_calibration, set_allocation
     from sensitivity.measured import PrefixCache, _logits, per_sample_metric
     from zoo.data import as_dataset
-    from zoo.evaluate import evaluate, predict
+    from zoo.evaluate import predict
     from zoo.lm_eval import predict_tokens
 
     from .pareto import MeasuringModel
@@ -338,12 +338,11 @@ def refine(
 
     ref_tune = measuring.reference(tune).logits
     passes += 1.0
-    ref_guard = None
     guard_metric = None
     tokens = _TokenObjective.of(tune, guard)  # None for classifiers
     step_options = _scheme_neighbours if _has_schemes(problem) else _neighbours
     if guard is not None:
-        ref_guard = measuring.reference(guard).logits
+        measuring.reference(guard)  # the FP32 logits every guard pass is compared with
         passes += len(guard) / n_tune
         guard_metric = tokens.guard_metric if tokens else "top1" if guard.y is not None else "agreement"
 
@@ -366,8 +365,7 @@ def refine(
         nonlocal passes
         if guard is None:
             return None
-        set_allocation(qmodel, alloc_of(c))
-        r = evaluate(qmodel, guard, reference_logits=ref_guard)
+        r = measuring.evaluate(alloc_of(c), guard)  # kept: the selection measurement will not run it again
         passes += len(guard) / n_tune
         if tokens:
             return tokens.guard_value(r)
@@ -529,6 +527,7 @@ def refine(
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0,
     }
+    measuring.release(tune)  # the tuning data's FP32 logits; the guard's serve the selection measurement next
     progress(1.0, f"refined: {len(steps)} move(s) kept, KL {kl_start:.4g} -> {kl:.4g}")
     allocation = problem.to_allocation(choice, refined=True)
     return RefineResult(

@@ -661,7 +661,7 @@ def recommend_with_evidence(
     candidates = out.candidates()
 
     def measure(role: str, data: Any, points: list[Any], at: float) -> Any:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, runs = time.perf_counter(), time.process_time(), measuring.passes
         ref = measure_points(
             points, measuring, data, role, confidence, progress=lambda f, m: progress(at + 0.3 * f, m)
         )
@@ -669,9 +669,10 @@ def recommend_with_evidence(
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
             "points": len(points),
-            "passes": len({frozenset(p.allocation.layers.items()) for p in points}),  # repeats measured once
+            "passes": measuring.passes - runs,  # allocations met before (twins, the refinement's) not run again
             "samples": len(data),
         }
+        measuring.release(data)
         return ref
 
     out.reference = measure("selection", selection_data, candidates, 0.4).to_dict()

@@ -61,6 +61,9 @@ def test_by_default_only_the_points_shown_with_evidence_are_measured_on_report(b
     assert r.costs["measure_report"]["points"] == len(on_report)
     assert r.costs["measure_report"]["report_points"] == "evidence"
     assert r.costs["measure_selection"]["points"] == len(r.points)
+    # the refinement's guard already ran its start point (a front point) on the selection data
+    distinct = len({frozenset(p.allocation.layers.items()) for p in r.points})
+    assert r.costs["refine"]["guard_samples"] == 180 and r.costs["measure_selection"]["passes"] < distinct
     assert any(f"evidence points only ({len(on_report)} of {len(r.points)}" in n for n in r.notes)
     assert r.reference_report["n"] == 180
     # swept recommendations keep working without report figures, and survive a JSON round trip
@@ -217,8 +220,9 @@ def test_one_wrapped_model_serves_both_roles_with_the_figures_of_fresh_copies(di
     for a, b in zip(shared.candidates(), fresh.candidates()):
         assert a.measured == b.measured and a.report == b.report
     assert shared.reference == fresh.reference and shared.report_reference == fresh.report_reference
-    # the FP32 logits of each data set were computed once
+    # the FP32 logits of each data set were computed once, each allocation run once per data set
     assert len(m._references) == 2
+    assert m.passes == 2 * len({frozenset(p.allocation.layers.items()) for p in front.candidates()})
 
 
 def test_an_allocation_on_the_front_twice_is_measured_once_with_the_same_figures(digits):
