@@ -355,7 +355,9 @@ class MeasuringModel:
                 raise BitsearchError(
                     "measuring these allocations needs calibration data (quantized activations)"
                 )
-            self.calibrated_items = collect_statistics(self.qmodel, self.layers, self.calibration, self.config)
+            self.calibrated_items = collect_statistics(
+                self.qmodel, self.layers, self.calibration, self.config
+            )
         return self.qmodel
 
     def reference(self, data: Any) -> Any:

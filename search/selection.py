@@ -540,6 +540,7 @@ REPORT_POINTS = ("evidence", "all")
 
 
 def check_report_points(report_points: str) -> str:
+    """`report_points` itself, or a `BitsearchError` naming the values allowed."""
     if report_points not in REPORT_POINTS:
         raise BitsearchError(
             f"report_points must be one of {list(REPORT_POINTS)} ('evidence': only the points shown with "
@@ -669,7 +670,8 @@ def recommend_with_evidence(
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
             "points": len(points),
-            "passes": measuring.passes - runs,  # allocations met before (twins, the refinement's) not run again
+            # allocations met before (a front's twins, the refinement's guarded start) are not run again
+            "passes": measuring.passes - runs,
             "samples": len(data),
         }
         measuring.release(data)
@@ -696,10 +698,14 @@ def recommend_with_evidence(
         out.report_reference = measure("report", report_data, shown, 0.7).to_dict()
         costs["measure_report"]["report_points"] = report_points
         if len(shown) < len(candidates):
+            which = (
+                "the recommended point, its uniform baseline and its mixed contender"
+                if requested
+                else "each swept budget's recommended point, uniform baseline and mixed contender"
+            )
             out.notes.append(
-                f"report figures: evidence points only ({len(shown)} of {len(candidates)}: the recommended "
-                "point, its uniform baseline and its mixed contender); the others have selection figures only "
-                "(report_points='all' measures every point on the report data)"
+                f"report figures: evidence points only ({len(shown)} of {len(candidates)}: {which}); the others "
+                "have selection figures only (report_points='all' measures every point on the report data)"
             )
         recs = recommendations()  # the same choices (they never look at report data), now with report tests
     return out, recs, costs

@@ -85,7 +85,8 @@ def test_all_measures_every_point_and_the_choice_is_the_same(both):
     assert [p.intervals["selection"] for p in ev_.points] == [p.intervals["selection"] for p in all_.points]
     for a, b in zip(ev_.recommendations, all_.recommendations):
         assert a.index == b.index and a.requested == b.requested
-        assert a.evidence["selection"] == b.evidence["selection"] and a.evidence["reason"] == b.evidence["reason"]
+        assert a.evidence["selection"] == b.evidence["selection"]
+        assert a.evidence["reason"] == b.evidence["reason"]
     # the points measured on report in both runs have the same report figures, and so the same evidence
     for p, q in zip(ev_.points, all_.points):
         if p.report:
@@ -196,6 +197,8 @@ def test_a_pure_sweep_measures_every_swept_recommendations_evidence_points(digit
     for p in out.candidates():
         assert bool(p.report) == (id(p) in ids) and "selection" in p.samples
     assert costs["measure_report"]["points"] == len(shown)
+    if len(shown) < len(out.candidates()):
+        assert any("each swept budget's recommended point" in n for n in out.notes)
     for r in recs:  # every sweep recommendation carries its report evidence
         assert r.evidence.recommended_report is not None
         if r.evidence.selection is not None:
