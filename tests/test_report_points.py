@@ -56,8 +56,8 @@ def test_by_default_only_the_points_shown_with_evidence_are_measured_on_report(b
             assert p.report == {} and "report" not in p.intervals
     rec = r.recommendation
     assert rec.report["n"] == 180 and rec.evidence["recommended_report"]["n"] == 180
-    if rec.evidence["selection"] is not None:  # a baseline and a contender: the report test is there too
-        assert rec.evidence["report"]["n"] == 180
+    # a baseline and a contender: the paired test is there on both roles
+    assert rec.evidence["selection"]["n"] == 180 and rec.evidence["report"]["n"] == 180
     assert r.costs["measure_report"]["points"] == len(on_report)
     assert r.costs["measure_report"]["report_points"] == "evidence"
     assert r.costs["measure_selection"]["points"] == len(r.points)
@@ -184,8 +184,9 @@ def test_a_pure_sweep_measures_every_swept_recommendations_evidence_points(digit
     from search.selection import evidence_points, recommend_with_evidence
 
     model, calibration, selection, report, layers = digits
-    problem = _problem(layers)
-    front = pareto_front(problem, "avg_weight_bits", 3)
+    problem = _problem(layers, (2, 3, 4, 8))
+    # two swept budgets, the cheapest and the dearest: uniform W3 and W4 are nobody's baseline or contender
+    front = pareto_front(problem, "avg_weight_bits", 2)
     out, recs, costs = recommend_with_evidence(front, problem, [], model, calibration, selection, report)
     assert recs and not any(r.requested for r in recs)
     shown = evidence_points(recs)
@@ -196,9 +197,9 @@ def test_a_pure_sweep_measures_every_swept_recommendations_evidence_points(digit
             assert p is None or id(p) in ids
     for p in out.candidates():
         assert bool(p.report) == (id(p) in ids) and "selection" in p.samples
-    assert costs["measure_report"]["points"] == len(shown)
-    if len(shown) < len(out.candidates()):
-        assert any("each swept budget's recommended point" in n for n in out.notes)
+    assert costs["measure_report"]["points"] == len(shown) < len(out.candidates())
+    assert any(f"evidence points only ({len(shown)} of {len(out.candidates())}: each swept budget's" in n
+               for n in out.notes)
     for r in recs:  # every sweep recommendation carries its report evidence
         assert r.evidence.recommended_report is not None
         if r.evidence.selection is not None:
