@@ -4,7 +4,8 @@
     .venv/bin/python bench/search_wall.py --out wall_idle.md
 
 One `bitsearch.search(...)` call with the default settings (sensitivity method, solver, Pareto points, PTQ
-recipe, refinement and paired selection), budget `avg_wbits=3`, options W{2,3,4,5,6,8}. Data roles as in
+recipe, refinement, paired selection, and `report_points="evidence"`: only the points shown with evidence are
+measured on the report data), budget `avg_wbits=3`, options W{2,3,4,5,6,8}. Data roles as in
 bench/search_selection.py: calibration = a seeded random 256 of train.npz (sensitivity, quantizer statistics,
 the refinement's KL); selection = a random 2,000 of test.npz (`split_roles(seed 0)`); report = the other
 8,000. Stages are timed from the search's own progress messages (wall and this process's CPU seconds, all
@@ -109,6 +110,7 @@ def main() -> None:
         "",
         f"Settings (defaults): sensitivity `{spec.sensitivity.method}` ({spec.sensitivity.samples} samples), "
         f"solver `{spec.solver.name}`, {spec.pareto_points} Pareto points, refine `{spec.refine}`, "
+        f"report points `{spec.report_points}`, "
         f"confidence {spec.confidence}; PTQ `{json.dumps({k: v for k, v in r.table.settings.get('quant', {}).items() if k in ('weight_clip', 'weight_rounding', 'activation_clip', 'bias_correction')})}`.",
         "",
         f"**Search: {wall:.1f} s wall, {cpu:.1f} s CPU** (goal ≤ {GOAL_WALL_S:g} s wall on 2 cores: "
@@ -121,7 +123,14 @@ def main() -> None:
     for stage, s in clock.spent.items():
         if stage != "start" or s["wall"] > 0.05:
             lines.append(f"| {stage} | {s['wall']:.1f} | {s['cpu']:.1f} |")
-    lines += ["", "Counters from `result.costs`:", ""]
+    for role in ("selection", "report"):  # the search's own clocks of the two measurements (stage above)
+        c = r.costs.get(f"measure_{role}")
+        if c:
+            lines.append(f"| — of which on {role}: {c.get('points')} points, {c.get('passes')} passes × "
+                         f"{c['samples']:,} images | {c['seconds']:.1f} | {c['cpu_seconds']:.1f} |")
+    lines += ["", "Notes of the result on measurement: " + ("; ".join(
+        n for n in r.notes if n.startswith("report figures")) or "none") + ".", ""]
+    lines += ["Counters from `result.costs`:", ""]
     for k, v in r.costs.items():
         lines.append(f"- `{k}`: `{json.dumps(v, default=str)}`")
     lines += [

@@ -155,7 +155,8 @@ def run_search(
             front, selected, costs = recommend_with_evidence(
                 front, problem, budgets, loaded.model, calib, resolved.selection, resolved.report, config,
                 s.refine, s.confidence, solver="ilp",
-                progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"))
+                progress=lambda f, m: progress(0.55 + 0.4 * f, f"measuring: {m}"),
+                report_points=s.report_points)
             timings["measure"] = time.perf_counter() - t
             points = list(front.points) + list(front.uniform)
             index = {id(p): i for i, p in enumerate(points)}

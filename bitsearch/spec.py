@@ -431,6 +431,13 @@ class SearchSpec(Strict):
         description="Confidence level of the paired test that lets a mixed allocation replace the best uniform "
         "one, and of every interval shown.",
     )
+    report_points: Literal["evidence", "all"] = Field(
+        "evidence",
+        description="Which front points are measured on the report data: 'evidence' (default) only the points "
+        "shown with evidence (the recommendation at the requested budgets, its uniform baseline and its mixed "
+        "contender; without budgets, those of every swept budget), 'all' every point. The recommendations are "
+        "the same either way (they are chosen on the selection data); 'all' costs one report pass per point.",
+    )
 
     @field_validator("refine")
     @classmethod

@@ -313,6 +313,125 @@ def _non_dominated(points: list[ParetoPoint], metric: str) -> list[ParetoPoint]:
 # --- measurement --------------------------------------------------------------------------------------------
 
 
+class MeasuringModel:
+    """One model wrapped for PTQ and calibrated once, then measured at many allocations on many data sets.
+
+    A wrapped layer memoises the weight quantizers it derives per option (output-MSE clipping and GPTQ cost
+    far more than the forward pass they feed; `quant.apply.QuantizedLayer`), but only for as long as that
+    wrapped copy lives. One search measures the refinement's moves, every candidate on the selection data
+    and the evidence points on the report data: sharing one wrapped copy derives each (layer, option) once
+    instead of once per copy. The FP32 model's logits of each data set are computed once too, and an
+    allocation met again on the same data (a front's twin points, the refinement's guarded start point) is
+    answered from memory: the figures and per-item values, not the logits, are kept.
+
+    The copy is wrapped on first use and calibrated on `calibration` the first time an allocation needs it
+    (quantized activations, data-driven clipping, GPTQ, bias correction), as a fresh copy would be.
+    """
+
+    def __init__(self, model: Any, calibration: Any = None, quant_config: Any = None):
+        from quant.apply import QuantConfig
+
+        self.model = model
+        self.calibration = calibration
+        self.config = quant_config or QuantConfig()
+        self.qmodel: Any = None
+        self.layers: dict[str, Any] = {}
+        self.calibrated_items: int | None = None  # items of the calibration pass, once it ran
+        self.passes = 0  # quantized passes over a data set actually run (repeats are answered from memory)
+        self._references: dict[int, tuple[Any, Any]] = {}  # id(data) -> (data, FP32 EvalResult)
+        self._results: dict[tuple[frozenset, int], Any] = {}  # (allocation, id(data)) -> EvalResult
+
+    def wrapped(self, allocations: Iterable[Allocation] = (), calibrate: bool = False) -> Any:
+        """The wrapped copy, calibrated when `calibrate` or any of `allocations` needs it."""
+        from quant.apply import collect_statistics, needs_calibration, wrap_model
+
+        if self.qmodel is None:
+            self.qmodel = copy.deepcopy(self.model).eval()
+            self.layers = wrap_model(self.qmodel, self.config)
+        if self.calibrated_items is None and (
+            calibrate or any(needs_calibration(a, self.config) for a in allocations)
+        ):
+            if self.calibration is None:
+                raise BitsearchError(
+                    "measuring these allocations needs calibration data (quantized activations)"
+                )
+            self.calibrated_items = collect_statistics(
+                self.qmodel, self.layers, self.calibration, self.config
+            )
+        return self.qmodel
+
+    def reference(self, data: Any) -> Any:
+        """The FP32 model's `EvalResult` on `data` (an `ArrayDataset`), computed once per data set."""
+        from zoo.evaluate import evaluate
+
+        hit = self._references.get(id(data))
+        if hit is None or hit[0] is not data or hit[1] is None:
+            hit = (data, evaluate(self.model, data))  # the data are kept so that their id stays theirs
+            self._references[id(data)] = hit
+        return hit[1]
+
+    def release(self, data: Any) -> None:
+        """Drop the FP32 logits of `data` (a language model's are N × vocab × T) once no more passes need them;
+        the figures already measured on it are kept."""
+        hit = self._references.get(id(data))
+        if hit is not None and hit[0] is data:
+            self._references[id(data)] = (data, None)
+
+    def evaluate(self, allocation: Allocation, data: Any) -> Any:
+        """`zoo.evaluate.evaluate` of the quantized model at `allocation` on `data` (an `ArrayDataset`)
+        against the FP32 logits, without its logits. The same allocation on the same data is run once: the
+        sweep's ends are often the uniform W2 and W8 allocations themselves, and the refinement's guard has
+        already run its start point on the selection data."""
+        import dataclasses
+
+        from quant.apply import set_allocation
+        from zoo.evaluate import evaluate
+
+        ref = self.reference(data)  # also keeps `data` alive, so that its id stays its own
+        key = (frozenset(allocation.layers.items()), id(data))
+        hit = self._results.get(key)
+        if hit is None:
+            qmodel = self.wrapped([allocation])
+            set_allocation(qmodel, allocation)
+            r = evaluate(qmodel, data, reference_logits=ref.logits)
+            self.passes += 1
+            hit = self._results[key] = dataclasses.replace(r, logits=None)
+        return hit
+
+
+def measure_points(
+    points: Sequence[ParetoPoint],
+    measuring: MeasuringModel,
+    data: Any,
+    role: str = "selection",
+    confidence: float = 0.95,
+    progress: Callable[[float, str], None] | None = None,
+) -> Any:
+    """Measure `points` in place on `data` (an `ArrayDataset`) for `role`; returns the FP32 `EvalResult`.
+
+    `role` "selection" fills `measured`, "report" fills `report`; either way `samples[role]` and
+    `intervals[role]` (see `measure_front`).
+    """
+    from .selection import point_intervals
+
+    if role not in ("selection", "report"):
+        raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
+    ref = measuring.reference(data)
+    measuring.wrapped([p.allocation for p in points])  # calibrated before the first point, as one pass
+    for i, p in enumerate(points):
+        r = measuring.evaluate(p.allocation, data)  # an allocation met before is not run again
+        if role == "selection":
+            p.measured = r.to_dict()
+        else:
+            p.report = r.to_dict()
+        p.samples[role] = {k: v.numpy().copy() for k, v in r.per_sample.items()}
+        if r.n > 1:
+            p.intervals[role] = point_intervals(p.samples[role], confidence)
+        if progress is not None:
+            progress((i + 1) / len(points), f"measured {i + 1}/{len(points)}")
+    return ref
+
+
 def measure_front(
     front: ParetoFront,
     model: Any,
@@ -322,6 +441,7 @@ def measure_front(
     progress: Callable[[float, str], None] | None = None,
     role: str = "selection",
     confidence: float = 0.95,
+    measuring: MeasuringModel | None = None,
 ) -> ParetoFront:
     """A copy of `front` with every point (mixed and uniform) measured by post-training quantization.
 
@@ -334,43 +454,22 @@ def measure_front(
     then only re-derives the quantizers (`set_allocation`) and runs `eval_data` (held-out: not the
     calibration or sensitivity data). `measured` gets top1 and loss when `eval_data` has labels, and always
     agreement and KL divergence against the FP32 model; `front.reference` gets the FP32 figures.
+    `measuring`: a `MeasuringModel` of the same model, calibration data and config to reuse (its derived
+    quantizers and FP32 logits), e.g. across the selection and report calls; `model`, `calibration` and
+    `quant_config` are then ignored.
     """
-    from quant.apply import QuantConfig, collect_statistics, needs_calibration, set_allocation, wrap_model
-    from zoo.evaluate import evaluate
-
-    config = quant_config or QuantConfig()
     from zoo.data import as_dataset  # imported here: the search core needs no torch data
-
-    data = as_dataset(eval_data, "eval_data")
-    out = copy.deepcopy(front)
-    candidates = out.candidates()
-    from .selection import point_intervals
 
     if role not in ("selection", "report"):
         raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
-    ref = evaluate(model, data)
+    data = as_dataset(eval_data, "eval_data")
+    out = copy.deepcopy(front)
+    measuring = measuring or MeasuringModel(model, calibration, quant_config)
+    ref = measure_points(out.candidates(), measuring, data, role, confidence, progress)
     if role == "selection":
         out.reference = ref.to_dict()
     else:
         out.report_reference = ref.to_dict()
-    qmodel = copy.deepcopy(model).eval()
-    layers = wrap_model(qmodel, config)
-    if any(needs_calibration(p.allocation, config) for p in candidates):
-        if calibration is None:
-            raise BitsearchError("measuring these allocations needs calibration data (quantized activations)")
-        collect_statistics(qmodel, layers, calibration, config)
-    for i, p in enumerate(candidates):
-        set_allocation(qmodel, p.allocation)
-        r = evaluate(qmodel, data, reference_logits=ref.logits)
-        if role == "selection":
-            p.measured = r.to_dict()
-        else:
-            p.report = r.to_dict()
-        p.samples[role] = {k: v.numpy() for k, v in r.per_sample.items()}
-        if r.n > 1:
-            p.intervals[role] = point_intervals(p.samples[role], confidence)
-        if progress is not None:
-            progress((i + 1) / len(candidates), f"measured {i + 1}/{len(candidates)}")
     return out
 
 
@@ -452,9 +551,11 @@ def recommend(
 __all__ = [
     "FRONT_SCHEMA",
     "MEASURES",
+    "MeasuringModel",
     "ParetoFront",
     "ParetoPoint",
     "measure_front",
+    "measure_points",
     "pareto_front",
     "recommend",
 ]

@@ -34,7 +34,6 @@ rotary tables, blocks < i and the modules of block i that ran before that layer,
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -288,23 +287,29 @@ def refine(
     quant_config: Any = None,
     settings: RefineConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
+    measuring: Any = None,
 ) -> RefineResult:
     """Refine `start` (feasible for `problem`, whose budgets are the ones to keep) by measured local search.
 
     `calibration`: data for the quantizers' statistics. `tune_data`: where the KL to FP32 is measured (no
     labels needed; the calibration data will do). `guard_data`: the selection data; a move that lowers the
     ranking metric there is not kept (None: no guard). Returns the refined allocation and what it cost.
+    `measuring`: a `search.pareto.MeasuringModel` of the same model, calibration data and config, whose
+    wrapped copy (and the quantizers it has derived) and FP32 logits to share with later measurements;
+    `model`, `calibration` and `quant_config` are then taken from it. The passes counted are the same.
     """
-    from quant.apply import QuantConfig, collect_statistics, needs_calibration, set_allocation, wrap_model
+    from quant.apply import needs_calibration, set_allocation
     from sensitivity.measured import PrefixCache, _logits, per_sample_metric
-    from zoo.evaluate import evaluate, predict
+    from zoo.data import as_dataset
+    from zoo.evaluate import predict
     from zoo.lm_eval import predict_tokens
 
-    from zoo.data import as_dataset
+    from .pareto import MeasuringModel
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg = settings or RefineConfig()
-    config = quant_config or QuantConfig()
+    measuring = measuring or MeasuringModel(model, calibration, quant_config)
+    model, calibration, config = measuring.model, measuring.calibration, measuring.config
     progress = progress or (lambda f, m: None)
     choice = problem.choice_of(start) if isinstance(start, Allocation) else np.asarray(start, dtype=np.int64)
     bad = problem.violations(choice)
@@ -316,8 +321,8 @@ def refine(
     n_tune = len(tune)
     max_passes = cfg.budget_for(problem.n_vars)
 
-    qmodel = copy.deepcopy(model).eval()
-    wrappers = wrap_model(qmodel, config)
+    qmodel = measuring.wrapped()
+    wrappers = measuring.layers
     missing = [n for n in problem.layer_names if n not in wrappers]
     if missing:
         raise BitsearchError(f"refine: layer(s) {missing[:3]} not found in the model")
@@ -327,17 +332,17 @@ def refine(
     if any_act or needs_calibration(start_alloc, config):
         if calibration is None:
             raise BitsearchError("refine: these options need calibration data")
-        n_cal = collect_statistics(qmodel, wrappers, calibration, config)
-        passes += n_cal / n_tune
+        measuring.wrapped(calibrate=True)
+        # counted whether or not an earlier user of `measuring` ran it: the budget does not depend on sharing
+        passes += measuring.calibrated_items / n_tune
 
-    ref_tune = evaluate(model, tune).logits
+    ref_tune = measuring.reference(tune).logits
     passes += 1.0
-    ref_guard = None
     guard_metric = None
     tokens = _TokenObjective.of(tune, guard)  # None for classifiers
     step_options = _scheme_neighbours if _has_schemes(problem) else _neighbours
     if guard is not None:
-        ref_guard = evaluate(model, guard).logits
+        measuring.reference(guard)  # the FP32 logits every guard pass is compared with
         passes += len(guard) / n_tune
         guard_metric = tokens.guard_metric if tokens else "top1" if guard.y is not None else "agreement"
 
@@ -360,8 +365,7 @@ def refine(
         nonlocal passes
         if guard is None:
             return None
-        set_allocation(qmodel, alloc_of(c))
-        r = evaluate(qmodel, guard, reference_logits=ref_guard)
+        r = measuring.evaluate(alloc_of(c), guard)  # kept: the selection measurement will not run it again
         passes += len(guard) / n_tune
         if tokens:
             return tokens.guard_value(r)
@@ -523,6 +527,7 @@ def refine(
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0,
     }
+    measuring.release(tune)  # the tuning data's FP32 logits; the guard's serve the selection measurement next
     progress(1.0, f"refined: {len(steps)} move(s) kept, KL {kl_start:.4g} -> {kl:.4g}")
     allocation = problem.to_allocation(choice, refined=True)
     return RefineResult(

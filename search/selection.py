@@ -514,10 +514,13 @@ __all__ = [
     "MIN_ROLE_ITEMS",
     "Evidence",
     "PairedTest",
+    "REPORT_POINTS",
     "RoleSplit",
     "SelectedPoint",
     "check_disjoint",
+    "check_report_points",
     "disagreement",
+    "evidence_points",
     "mean_interval",
     "paired_test",
     "point_intervals",
@@ -528,6 +531,34 @@ __all__ = [
 
 
 # --- the whole measured stage of a search ----------------------------------------------------------------
+
+
+#: Which points `recommend_with_evidence` measures on the report data: "evidence" (default) — the points a
+#: user is shown with evidence (each relevant recommendation's chosen point, uniform baseline and mixed
+#: contender); "all" — every candidate.
+REPORT_POINTS = ("evidence", "all")
+
+
+def check_report_points(report_points: str) -> str:
+    """`report_points` itself, or a `BitsearchError` naming the values allowed."""
+    if report_points not in REPORT_POINTS:
+        raise BitsearchError(
+            f"report_points must be one of {list(REPORT_POINTS)} ('evidence': only the points shown with "
+            f"evidence are measured on the report data; 'all': every point), got {report_points!r}"
+        )
+    return report_points
+
+
+def evidence_points(recommendations: Sequence[SelectedPoint]) -> list[Any]:
+    """The points a user is shown with evidence, once each: the requested recommendation's chosen point,
+    uniform baseline and mixed contender; without a requested one, those of every swept recommendation."""
+    shown = [r for r in recommendations if r.requested] or list(recommendations)
+    out: dict[int, Any] = {}
+    for r in shown:
+        for p in (r.point, r.evidence.baseline_point, r.evidence.contender_point):
+            if p is not None:
+                out.setdefault(id(p), p)
+    return list(out.values())
 
 
 def recommend_with_evidence(
@@ -543,31 +574,44 @@ def recommend_with_evidence(
     confidence: float = DEFAULT_CONFIDENCE,
     solver: str = "ilp",
     progress: Any = None,
+    report_points: str = "evidence",
 ) -> tuple[Any, list[SelectedPoint], dict[str, Any]]:
-    """Refine at the requested budgets, measure every candidate, and select with evidence.
+    """Refine at the requested budgets, measure the candidates, and select with evidence.
 
     1. At the `requested` budgets (all together, plus `problem`'s own budgets) the solver's allocation (the
        front's best predicted point that meets them; else `solver` is run, label "solver") is refined unless
        `refine_settings.enabled` is false (label "refined"; KL measured on `calibration`, which needs no
        labels, guarded on `selection_data`).
-    2. Every candidate is measured on `selection_data` (role "selection") and, when given, on
-       `report_data` (role "report"; intervals on every point).
+    2. Every candidate is measured on `selection_data` (role "selection").
     3. One recommendation per swept budget of the front and one for the requested budgets: `select`.
+    4. With `report_data`, the points shown with evidence (`evidence_points`: the requested recommendation's
+       chosen point, baseline and contender, or those of every swept one without requested budgets) are
+       measured on it (role "report"), or every candidate with `report_points="all"`, and `select` runs again
+       so that the evidence carries the report tests. The choice never depends on the report data, so the
+       recommendations are the same either way; a point not measured there has empty `report` figures, and
+       the front's notes say how many were.
 
+    The model is wrapped and calibrated once for the refinement and both roles (`pareto.MeasuringModel`).
     Returns (measured front, recommendations (`SelectedPoint`), costs by stage).
     """
     import time
 
-    from .pareto import measure_front
+    from zoo.data import as_dataset
+
+    from .pareto import MeasuringModel, measure_points
     from .refine import RefineConfig, refine, refined_point
     from .solvers import solve
 
+    check_report_points(report_points)
     progress = progress or (lambda f, m: None)
     settings = (
         refine_settings
         if isinstance(refine_settings, RefineConfig)
         else RefineConfig.from_dict(refine_settings)
     )
+    selection_data = as_dataset(selection_data, "selection_data")
+    report_data = None if report_data is None else as_dataset(report_data, "report_data")
+    measuring = MeasuringModel(model, calibration, quant_config)
     costs: dict[str, Any] = {}
     extra = []
     if requested:
@@ -609,40 +653,61 @@ def recommend_with_evidence(
                 quant_config,
                 settings,
                 progress=lambda f, m: progress(0.4 * f, m),
+                measuring=measuring,
             )
             costs["refine"] = {**r.cost, "steps": len(r.steps), "stopped": r.stopped}
             if r.steps:
                 extra.append(refined_point(at, r, limit))
     out = copy_front_with(front, extra)
-    for role, data, at in (("selection", selection_data, 0.4), ("report", report_data, 0.7)):
-        if data is None:
-            continue
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = measure_front(
-            out,
-            model,
-            calibration,
-            data,
-            quant_config,
-            role=role,
-            confidence=confidence,
-            progress=lambda f, m, at=at: progress(at + 0.3 * f, m),
+    candidates = out.candidates()
+
+    def measure(role: str, data: Any, points: list[Any], at: float) -> Any:
+        t0, c0, runs = time.perf_counter(), time.process_time(), measuring.passes
+        ref = measure_points(
+            points, measuring, data, role, confidence, progress=lambda f, m: progress(at + 0.3 * f, m)
         )
         costs[f"measure_{role}"] = {
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
-            "passes": len(out.candidates()),
+            "points": len(points),
+            # allocations met before (a front's twins, the refinement's guarded start) are not run again
+            "passes": measuring.passes - runs,
             "samples": len(data),
         }
-    recs: list[SelectedPoint] = []
-    sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
-    for limit in sweep:
-        b = [Budget(out.metric, limit)]
-        point, ev = select(out, b, confidence)
-        recs.append(SelectedPoint(b, False, point, ev))
-    if requested:
-        point, ev = select(out, list(requested), confidence)
-        recs.append(SelectedPoint(list(requested), True, point, ev))
+        measuring.release(data)
+        return ref
+
+    out.reference = measure("selection", selection_data, candidates, 0.4).to_dict()
+
+    def recommendations() -> list[SelectedPoint]:
+        recs: list[SelectedPoint] = []
+        sweep = sorted({p.budget for p in out.points if p.budget is not None and p.label is None})
+        for limit in sweep:
+            b = [Budget(out.metric, limit)]
+            point, ev = select(out, b, confidence)
+            recs.append(SelectedPoint(b, False, point, ev))
+        if requested:
+            point, ev = select(out, list(requested), confidence)
+            recs.append(SelectedPoint(list(requested), True, point, ev))
+        return recs
+
+    recs = recommendations()
+    if report_data is not None:
+        shown = candidates if report_points == "all" else evidence_points(recs)
+        shown = [p for p in candidates if any(p is q for q in shown)]  # in the front's order
+        out.report_reference = measure("report", report_data, shown, 0.7).to_dict()
+        costs["measure_report"]["report_points"] = report_points
+        if len(shown) < len(candidates):
+            which = (
+                "the recommended point, its uniform baseline and its mixed contender"
+                if requested
+                else "each swept budget's recommended point, uniform baseline and mixed contender"
+            )
+            out.notes.append(
+                f"report figures: evidence points only ({len(shown)} of {len(candidates)}: {which}); the others "
+                "have selection figures only (report_points='all' measures every point on the report data)"
+            )
+        recs = recommendations()  # the same choices (they never look at report data), now with report tests
     return out, recs, costs
 
 

@@ -169,6 +169,9 @@ def search(
     no_refine: bool = typer.Option(not SPEC["refine"], "--no-refine", help="Skip the measured refinement at the budgets."),
     confidence: float = typer.Option(SPEC["confidence"], "--confidence", min=0.5, max=0.999,
                                      help="Confidence level of the paired test mixed vs uniform, and of the intervals."),
+    report_points: str = typer.Option(SPEC["report_points"], "--report-points",
+                                      help="Points measured on the report data: 'evidence' (the recommendation, "
+                                           "its uniform baseline and mixed contender) or 'all'."),
     measure_latency: bool = typer.Option(SPEC["measure_latency.enabled"], "--measure-latency/--no-measure-latency",
                                          help="Time every measured front point end to end in ONNX Runtime."),
     latency_batch: int = typer.Option(SPEC["measure_latency.batch_size"], "--latency-batch", min=1,
@@ -188,6 +191,7 @@ def search(
                                   solver_param, pareto, metric, weight_bits, activation_bits, keep_first_last, clip,
                                   samples, calib_size, limit, no_measure, seed, selection_data, report_data, schemes)
     spec = SearchSpec.parse({**spec.model_dump(), "refine": not no_refine, "confidence": confidence,
+                             "report_points": report_points,
                              "measure_latency": {**spec.measure_latency.model_dump(), "enabled": measure_latency,
                                                  "batch_size": latency_batch, "repeats": latency_repeats,
                                                  "provider": latency_provider}})
