@@ -40,6 +40,7 @@ class QuantConfig:
     activation_quantizer: str = "auto"  # "auto": unsigned when the calibrated input is never negative
     activation_clip: str = "minmax"
     percentile: float = 99.99
+    #: add E[ΔW·x] to the output of every layer that `bias_correction_applies` to (see there)
     bias_correction: bool = False
     stochastic_rounding: bool = False
     calibration_samples: int = 256
@@ -87,9 +88,10 @@ class QuantConfig:
 
 #: How a search realises every allocation when calibration data exist, unless its `quant` settings say
 #: otherwise: output-MSE weight clipping, GPTQ error-compensated rounding, MSE activation clipping and bias
-#: correction. Against round-to-nearest with min-max activations it is better or level on ResNet-20 and the
-#: zoo's digits-cnn / digits-mlp at W2-W4 and W3A4/W4A4 (bench/ptq_recipes.py); GPTQ alone lifts ResNet-20
-#: W2 from 28 % to 53 % and W3 by 2.2 points. Data-free searches keep `QuantConfig()`'s defaults.
+#: correction (on convolutions and layers with a bias only: `bias_correction_applies`). Against
+#: round-to-nearest with min-max activations it is better or level on ResNet-20 and the zoo's digits-cnn /
+#: digits-mlp at W2-W4 and W3A4/W4A4 (bench/ptq_recipes.py); GPTQ alone lifts ResNet-20 W2 from 28 % to 53 %
+#: and W3 by 2.2 points. Data-free searches keep `QuantConfig()`'s defaults.
 SEARCH_PTQ_DEFAULTS: dict[str, Any] = {
     "weight_clip": "auto",
     "weight_rounding": "gptq",
@@ -103,6 +105,16 @@ def search_quant_config(settings: dict[str, Any] | None, calibration_available: 
     defaults without calibration data, since the recipe needs them)."""
     base = dict(SEARCH_PTQ_DEFAULTS) if calibration_available else {}
     return QuantConfig.from_dict({**base, **(settings or {})})
+
+
+def bias_correction_applies(layer: nn.Module) -> bool:
+    """Whether bias correction may touch `layer`: a layer that already has a bias (the correction is folded
+    into it), or a convolution, whose runtimes always take a bias input (the ONNX QDQ export writes the
+    correction as the Conv's bias; ResNet-20's bias-less convs gain +0.1 to +4.1 points from it,
+    bench/ptq_recipes.py). A Linear without a bias gets none: adding one changes the graph, and the LLM
+    formats that describe such projections (llama.cpp tensor types, compressed-tensors, Hugging Face
+    `quantization_config`) cannot carry it, so a search that priced it would report a model no runtime runs."""
+    return getattr(layer, "bias", None) is not None or not isinstance(layer, nn.Linear)
 
 
 def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -214,7 +226,8 @@ class QuantizedLayer(nn.Module):
             self._wq_memo[iq_key] = iq
         self.input_quant = iq
         self.bias_correction = None
-        if cfg.bias_correction and not is_float_bits(bits.weight_bits):
+        corrects = cfg.bias_correction and not is_float_bits(bits.weight_bits)
+        if corrects and bias_correction_applies(self.layer):
             mean = self.stats.weight_moments(self.layer)[0] if self.stats else None
             if mean is None:
                 raise BitsearchError("bias_correction needs calibration data")
