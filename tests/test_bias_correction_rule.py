@@ -1,5 +1,6 @@
-"""Where the search's PTQ recipe may add a bias: convolutions and layers that have one, never a bias-less
-Linear (LLM projections), whose exported formats cannot carry an added bias."""
+"""Where the search's PTQ recipe applies: bias correction on convolutions and layers that have a bias, never
+a bias-less Linear (LLM projections, whose exported formats cannot carry an added bias); GPTQ rounding
+everywhere but on a weight that is also an embedding table (a tied output head)."""
 
 import pytest
 import torch
@@ -31,15 +32,19 @@ def test_search_recipe_on_a_conv_net_still_corrects_and_keeps_the_linear_bias_co
     assert layers["5"].bias_correction is None  # bias-less Linear: nothing added
 
 
-def test_a_token_model_gets_no_added_bias_under_the_search_recipe():
+def _tiny_llama(tie: bool):
     transformers = pytest.importorskip("transformers")
     from zoo.hf import CausalLM
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   tie_word_embeddings=True, attn_implementation="eager")
-    lm = CausalLM(transformers.LlamaForCausalLM(cfg).eval())
+                                   tie_word_embeddings=tie, attn_implementation="eager")
+    return CausalLM(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def test_a_token_model_gets_no_added_bias_under_the_search_recipe():
+    lm = _tiny_llama(tie=False)
     ids = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(1))
     names = [l.name for l in discover_layers(lm, ids[:2])]
     alloc = Allocation.uniform(names, LayerBits.of("int2-g64"))
@@ -55,3 +60,21 @@ def test_a_token_model_gets_no_added_bias_under_the_search_recipe():
         {"weight_clip": "mse", "bias_correction": False}))
     with torch.no_grad():
         torch.testing.assert_close(q(ids), plain(ids), rtol=0, atol=0)
+
+
+def test_a_tied_output_head_is_rounded_to_nearest_under_the_search_recipe():
+    lm = _tiny_llama(tie=True)
+    ids = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(1))
+    names = [l.name for l in discover_layers(lm, ids[:2])]
+    alloc = Allocation.uniform(names, LayerBits.of("int3-g64"))
+    q = apply_allocation(lm, alloc, calibration=ids, config=search_quant_config({"weight_clip": "mse"}))
+    layers = quantized_layers(q)
+    assert layers["lm_head"].weight_tied and not any(layers[n].weight_tied for n in names if n != "lm_head")
+    assert type(layers["lm_head"].weight_quant).__name__ != "FixedWeightQuantizer"
+    assert type(layers["model.layers.0.mlp.down_proj"].weight_quant).__name__ == "FixedWeightQuantizer"
+    # the head's weight is that of round to nearest under the same recipe otherwise
+    rtn = apply_allocation(lm, alloc, calibration=ids,
+                           config=search_quant_config({"weight_clip": "mse", "weight_rounding": "nearest"}))
+    with torch.no_grad():
+        w = layers["lm_head"].quantized_weight()
+        torch.testing.assert_close(w, quantized_layers(rtn)["lm_head"].quantized_weight(), rtol=0, atol=0)
