@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import RESULTS, machine  # noqa: E402
 from bench.llm import data_roles, save  # noqa: E402
-from bench.llm_schemes import BOOT, QUANT, SCHEMES  # noqa: E402
+from bench.llm_schemes import QUANT, SCHEMES, boot_indices, gap_stats  # noqa: E402
 from quant import Allocation, LayerBits, default_tie_groups, discover_layers  # noqa: E402
 from quant.apply import collect_statistics, search_quant_config, set_allocation, wrap_model  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
@@ -98,7 +98,8 @@ def main() -> None:
     qmodel = copy.deepcopy(model)
     layers = wrap_model(qmodel, config)
     collect_statistics(qmodel, layers, cal, config)
-    boot_idx = np.random.default_rng(0).integers(0, len(report), size=(BOOT, len(report)))
+    boot_idx = boot_indices(len(report))
+    nlls_out: dict[str, np.ndarray] = {}
 
     def nll(alloc: Allocation, data) -> np.ndarray:
         set_allocation(qmodel, alloc)
@@ -126,9 +127,7 @@ def main() -> None:
         for i, unit in enumerate(units):
             for j, s in enumerate(opts[1:], start=1):
                 alloc = Allocation({**base_alloc.layers, **{n: LayerBits.of(s) for n in unit}})
-                dbpw[i, j] = cost.cost(alloc).bpw - base_bpw
-                if base_bpw + dbpw[i, j] > budget + 1e-9:
-                    continue  # this move alone breaks the budget: no allocation can contain it
+                dbpw[i, j] = cost.cost(alloc).bpw - base_bpw  # over the budget alone, it may fit with cheaper others
                 delta[i, j] = float((nll(alloc, selection) - base_sel).mean())
             print(f"{budget} {unit[0]}: " + " ".join(f"{opts[j]} {delta[i, j]:+.4f}" for j in range(1, len(opts))
                                                      if np.isfinite(delta[i, j])), flush=True)
@@ -138,11 +137,13 @@ def main() -> None:
         estimate = float(sum(delta[i, j] for i, j in enumerate(choice)))
         realised_sel = float((nll(alloc, selection) - base_sel).mean())
         rep = nll(alloc, report)
+        nlls_out[f"headroom_{budget}"] = rep
+        np.savez(RESULTS / f"{args.out}_nll.npz", **nlls_out)
         lo, hi = src_nll[base], src_nll[above]
-        gap = float((ppl(lo) - ppl(rep)) / (ppl(lo) - ppl(hi)) * 100)
-        gb = (ppl(lo[boot_idx]) - ppl(rep[boot_idx])) / (ppl(lo[boot_idx]) - ppl(hi[boot_idx])) * 100
-        vs = ppl(rep[boot_idx]) - ppl(lo[boot_idx])
-        need = float(np.log(ppl(lo) - 0.5 * (ppl(lo) - ppl(hi))) - np.log(ppl(lo)))
+        # the same gap figures as bench/llm_schemes.py's rows (headline, and to the next significantly better)
+        gs = gap_stats({s: u["bpw"] for s, u in uniform.items()}, src_nll, budget, rep, boot_idx)
+        top = src_nll[gs["sig_above"] or above]  # 50 % of the gap to the next significantly better uniform
+        need = float(np.log(ppl(lo) - 0.5 * (ppl(lo) - ppl(top))) - np.log(ppl(lo)))
         chosen: dict[str, int] = {}
         for n in names:
             chosen[alloc[n].label()] = chosen.get(alloc[n].label(), 0) + 1
@@ -151,15 +152,15 @@ def main() -> None:
                "dbpw": dbpw.tolist(), "choice": [opts[j] for j in choice], "chosen": chosen,
                "additive_estimate_dnll_selection": estimate, "realised_dnll_selection": realised_sel,
                "needed_dnll_for_50pc": need, "perplexity": float(ppl(rep)), "base_perplexity": float(ppl(lo)),
-               "above_perplexity": float(ppl(hi)), "gap_closed": gap,
-               "gap_ci": [float(np.percentile(gb, 2.5)), float(np.percentile(gb, 97.5))],
-               "vs_best_fit": float(ppl(rep) - ppl(lo)),
-               "vs_best_fit_ci": [float(np.percentile(vs, 2.5)), float(np.percentile(vs, 97.5))],
+               "above_perplexity": float(ppl(hi)),
+               **{k: gs[k] for k in ("gap_closed", "gap_ci", "gap_width_ci", "sig_above", "sig_gap_closed",
+                                     "sig_gap_ci", "vs_best_fit", "vs_best_fit_ci")},
                "evaluations": int(np.isfinite(delta[:, 1:]).sum()) + 3,
                "wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
         out["budgets"].append(row)
         print(f"headroom {budget}: {row['chosen']} bpw {row['bpw']:.3f} est {estimate:+.4f} real {realised_sel:+.4f} "
-              f"ppl {row['perplexity']:.3f} gap {gap:.0f}% ({row['gap_ci'][0]:.0f}-{row['gap_ci'][1]:.0f})", flush=True)
+              f"ppl {row['perplexity']:.3f} gap {row['gap_closed']:.0f}% ({row['gap_ci'][0]:.0f}-{row['gap_ci'][1]:.0f}); "
+              f"to {row['sig_above']} {row['sig_gap_closed']}", flush=True)
         save(out, args.out, render)
     save(out, args.out, render)
     print(render(out))
@@ -169,14 +170,17 @@ def render(o: dict) -> str:
     lines = [f"Command: `{o['command']}` (uniform rows and report NLLs from `{o['source']}`). Machine: {o['machine']}.",
              "", "Knapsack on Δ NLL measured in context on the selection windows; scored on the report windows:", "",
              "| budget | base (best fit) / next better | alloc. bpw | chosen | Δ NLL selection: additive est. / realised "
-             "| Δ NLL for 50 % | perplexity (report) | gap closed % (95 % CI) | ppl − best fit (95 % CI) | evaluations | wall s / CPU s |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| Δ NLL for 50 % (to the next significantly better) | perplexity (report) | gap closed % (95 % CI) | next significantly better: gap closed % "
+             "(95 % CI) | ppl − best fit (95 % CI) | evaluations | wall s / CPU s |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in o["budgets"]:
+        sig = "none" if r.get("sig_above") is None else (
+            f"{r['sig_above']}: {r['sig_gap_closed']:.0f} ({r['sig_gap_ci'][0]:.0f} – {r['sig_gap_ci'][1]:.0f})")
         lines.append(
             f"| {r['budget']} | {r['base']} {r['base_perplexity']:.3f} / {r['above']} {r['above_perplexity']:.3f} | "
             f"{r['bpw']:.3f} | {r['chosen']} | {r['additive_estimate_dnll_selection']:+.4f} / "
             f"{r['realised_dnll_selection']:+.4f} | {r['needed_dnll_for_50pc']:+.4f} | {r['perplexity']:.3f} | "
-            f"{r['gap_closed']:.0f} ({r['gap_ci'][0]:.0f} – {r['gap_ci'][1]:.0f}) | {r['vs_best_fit']:+.3f} "
+            f"{r['gap_closed']:.0f} ({r['gap_ci'][0]:.0f} – {r['gap_ci'][1]:.0f}) | {sig} | {r['vs_best_fit']:+.3f} "
             f"({r['vs_best_fit_ci'][0]:+.3f} – {r['vs_best_fit_ci'][1]:+.3f}) | {r['evaluations']} | "
             f"{r['wall_s']:.0f} / {r['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"

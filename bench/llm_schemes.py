@@ -9,9 +9,9 @@ search measures its candidates and makes its paired choice there) and a *report*
 Nothing is tuned on the report windows.
 
 * PTQ recipe: every row, uniform and mixed, is realised with the QuantConfig the search itself uses,
-  `quant.apply.search_quant_config(QUANT)` (the search's recipe: GPTQ rounding, MSE activation clipping, bias
-  correction where `bias_correction_applies`, i.e. on none of this model's bias-less projections; `QUANT`
-  asks for per-group MSE weight clipping), and each search's own config is checked to be that one, so the
+  `quant.apply.search_quant_config(QUANT)` (the search's recipe: GPTQ rounding except on the tied lm_head
+  (`gptq_applies`), MSE activation clipping, bias correction where `bias_correction_applies`, i.e. on none of
+  this model's bias-less projections; `QUANT` asks for per-group MSE weight clipping), and each search's own config is checked to be that one, so the
   figures are those of the models the search measured and a user deploys.
 * Uniform: every layer (q/k/v/o, gate/up/down, the tied lm_head) in one scheme, activations float; bpw = the
   cost model's bits per weight including scales/zero points.
