@@ -1,15 +1,20 @@
 """zoo:tiny-llama with weight *schemes*: uniform group-wise INT, MXFP4, NVFP4, FP8 and mixed at bpw budgets.
 
     python bench/llm_schemes.py [--methods measured,fisher,hessian] [--sens-samples 16] [--selection 128]
-                                [--calib 64] [--pareto 4] [--refine-passes 60]
+                                [--calib 64] [--pareto 4] [--refine-passes 60] [--threads 1]
 
 Data: the same as `bench/llm.py` (`zoo:stdlib-text`, seed 0): calibration/sensitivity = windows of the training
 modules; the 384 held-out windows (modules never trained on) are split at random into a *selection* half (the
 search measures its candidates and makes its paired choice there) and a *report* half (every figure below).
 Nothing is tuned on the report windows.
 
-* Uniform: every layer (q/k/v/o, gate/up/down, the tied lm_head) in one scheme, round to nearest with MSE
-  clipping, activations float; bpw = the cost model's bits per weight including scales/zero points.
+* PTQ recipe: every row, uniform and mixed, is realised with the QuantConfig the search itself uses,
+  `quant.apply.search_quant_config(QUANT)` (the search's recipe: GPTQ rounding except on the tied lm_head
+  (`gptq_applies`), MSE activation clipping, bias correction where `bias_correction_applies`, i.e. on none of
+  this model's bias-less projections; `QUANT` asks for per-group MSE weight clipping), and each search's own config is checked to be that one, so the
+  figures are those of the models the search measured and a user deploys.
+* Uniform: every layer (q/k/v/o, gate/up/down, the tied lm_head) in one scheme, activations float; bpw = the
+  cost model's bits per weight including scales/zero points.
 * Mixed: the product's own path, `bitsearch.search(model, roles=..., method=METHOD, solver="ilp",
   budgets=["bpw<=B"], options={"schemes": SCHEMES})`, one search per sensitivity method and budget (its
   refinement on the calibration windows — per-token KL, guarded by per-sequence NLL on the selection windows —
@@ -46,6 +51,7 @@ import bitsearch  # noqa: E402
 from bench._common import RESULTS, machine  # noqa: E402
 from bench.llm import data_roles, save  # noqa: E402
 from quant import Allocation, LayerBits, QuantConfig, apply_allocation, discover_layers  # noqa: E402
+from quant.apply import search_quant_config  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
 from search.selection import _label  # noqa: E402
 from zoo import load_model  # noqa: E402
@@ -55,6 +61,8 @@ SCHEMES = ("int2-g64", "int2-g128", "int3-g64", "int3-g128", "int4-g64", "int4-g
            "mxfp4", "nvfp4", "fp8-e4m3")
 BUDGETS = (3.25, 3.5, 4.25, 4.5)
 BOOT = 2000
+#: The `quant` settings every search of this bench gets; the rows are realised with `search_quant_config(QUANT)`.
+QUANT = {"weight_clip": "mse"}
 
 
 def main() -> None:
@@ -70,6 +78,7 @@ def main() -> None:
     ap.add_argument("--pareto", type=int, default=4)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--no-multi", action="store_true", help="skip the bpw + activation-memory case")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--out", default="llm_schemes")
     ap.add_argument("--uniform-from", default=None, help="reuse the uniform rows of an earlier run (result name)")
     ap.add_argument("--merge", default=None,
@@ -80,14 +89,16 @@ def main() -> None:
         merge([n for n in args.merge.split(",") if n], args.out)
         return
     warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]])}
+    config = search_quant_config(QUANT)  # calibration windows are always given to the search
+    out: dict = {"machine": machine(), "command": " ".join(["python bench/llm_schemes.py", *sys.argv[1:]]),
+                 "quant": config.to_dict()}
 
     model = load_model(args.model).model
     cal, selection, report = data_roles(args.calib, args.selection)
     n_rep = len(report)
-    boot_idx = np.random.default_rng(0).integers(0, n_rep, size=(BOOT, n_rep))
-    config = QuantConfig(weight_clip="mse")
+    boot_idx = boot_indices(n_rep)
     layers = discover_layers(model, cal.x[:2])
     names = [l.name for l in layers]
     cost = CostModel(layers)
@@ -101,9 +112,6 @@ def main() -> None:
         r = evaluate_tokens(q, report, reference_logits=fp.logits)
         return {"perplexity": r.perplexity, "kl": r.kl, "agreement": r.agreement, "nll": r.per_sample_loss.numpy()}
 
-    def ppl(nll: np.ndarray) -> np.ndarray:
-        return np.exp(nll.mean(-1))
-
     # --- uniform schemes ------------------------------------------------------------------------------------
     uniform: dict[str, dict] = {}
     if args.uniform_from:  # the same uniform rows from an earlier run on the same data (checked: FP32 figures)
@@ -112,6 +120,8 @@ def main() -> None:
         prev = json.loads((RESULTS / f"{args.uniform_from}.json").read_text())
         if abs(prev["fp32"]["perplexity"] - fp.perplexity) > 1e-9:
             raise SystemExit("--uniform-from: that run was not measured on the same report windows")
+        if prev.get("quant") != out["quant"]:
+            raise SystemExit("--uniform-from: that run realised its rows with another PTQ recipe")
         with np.load(RESULTS / f"{args.uniform_from}_nll.npz") as z:
             uniform = {s: {**prev["uniform"][s], "nll": z[s]} for s in SCHEMES}
     for s in SCHEMES if not uniform else ():
@@ -121,6 +131,7 @@ def main() -> None:
         print(f"uniform {s}: bpw {m['bpw']:.4f} ppl {m['perplexity']:.3f} kl {m['kl']:.4f}", flush=True)
     out["uniform"] = {s: {k: v for k, v in m.items() if k != "nll"} for s, m in uniform.items()}
     nlls = {"fp32": fp.per_sample_loss.numpy(), **{s: m["nll"] for s, m in uniform.items()}}
+    np.savez(RESULTS / f"{args.out}_nll.npz", **nlls)
 
     def counts(alloc: Allocation) -> dict[str, int]:
         chosen: dict[str, int] = {}
@@ -129,33 +140,8 @@ def main() -> None:
         return chosen
 
     def gap_row(budget: float, m: dict) -> dict:
-        """Gap closed and Δ vs the best uniform that fits, on the report windows (paired bootstrap CIs)."""
-        fits = {s: u for s, u in uniform.items() if u["bpw"] <= budget + 1e-9}
-        rest = [s for s in uniform if s not in fits]
-        best = min(fits, key=lambda s: fits[s]["perplexity"])
-        better = [s for s in rest if uniform[s]["perplexity"] < uniform[best]["perplexity"]]
-        above = min(better, key=lambda s: (uniform[s]["bpw"], uniform[s]["perplexity"]))
-        lit_below = max(fits, key=lambda s: (fits[s]["bpw"], -fits[s]["perplexity"]))
-        lit_above = min(rest, key=lambda s: (uniform[s]["bpw"], uniform[s]["perplexity"]))
-        rec = m["nll"]
-
-        def gap(below: str, above: str) -> tuple[float, list[float]] | tuple[None, None]:
-            lo, hi = uniform[below]["nll"], uniform[above]["nll"]
-            if ppl(hi) >= ppl(lo):
-                return None, None
-            gb = (ppl(lo[boot_idx]) - ppl(rec[boot_idx])) / (ppl(lo[boot_idx]) - ppl(hi[boot_idx])) * 100
-            return (float((ppl(lo) - ppl(rec)) / (ppl(lo) - ppl(hi)) * 100),
-                    [float(np.percentile(gb, 2.5)), float(np.percentile(gb, 97.5))])
-
-        g, g_ci = gap(best, above)
-        lg, lg_ci = gap(lit_below, lit_above)
-        vs = ppl(rec[boot_idx]) - ppl(uniform[best]["nll"][boot_idx])
-        vs_ci = [float(np.percentile(vs, 2.5)), float(np.percentile(vs, 97.5))]
         return {"perplexity": m["perplexity"], "kl": m["kl"], "agreement": m["agreement"],
-                "below": best, "above": above, "best_fit": best, "gap_closed": g, "gap_ci": g_ci,
-                "bpw_below": lit_below, "bpw_above": lit_above, "bpw_gap_closed": lg, "bpw_gap_ci": lg_ci,
-                "vs_best_fit": float(ppl(rec) - ppl(uniform[best]["nll"])), "vs_best_fit_ci": vs_ci,
-                "significantly_worse": vs_ci[0] > 0, "goal_met": bool(g >= 50)}
+                **gap_stats({u: v["bpw"] for u, v in uniform.items()}, nlls, budget, m["nll"], boot_idx)}
 
     def run(method: str, budgets: list[str], activation_bits: list[int]):
         t, c = time.perf_counter(), time.process_time()
@@ -166,8 +152,11 @@ def main() -> None:
             method="measured", solver="ilp", pareto=args.pareto, seed=0, refine=refine,
             options={"weight_bits": [], "schemes": list(SCHEMES), "activation_bits": activation_bits},
             sensitivity={"method": method, "samples": args.sens_samples, "settings": params},
-            quant={"weight_clip": "mse"})
+            quant=dict(QUANT))
         wall, cpu = time.perf_counter() - t, time.process_time() - c
+        if QuantConfig.from_dict(r.table.settings["quant"]) != config:
+            raise SystemExit(f"the search realised its points with {r.table.settings['quant']}, not with "
+                             f"{config.to_dict()}: this bench would score other models than it chose")
         rec = r.recommendation
         alloc = rec.allocation
         ev = rec.evidence or {}
@@ -230,6 +219,59 @@ def main() -> None:
     print(render(out))
 
 
+def ppl(nll: np.ndarray) -> np.ndarray:
+    return np.exp(nll.mean(-1))
+
+
+def boot_indices(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, n, size=(BOOT, n))
+
+
+def gap_stats(bpw: dict[str, float], nlls: dict[str, np.ndarray], budget: float, rec: np.ndarray,
+              boot_idx: np.ndarray) -> dict:
+    """Gap closed and Δ vs the best uniform that fits, on the report windows (paired bootstrap CIs).
+    `bpw`: the uniform schemes' bpw; `nlls`: their per-sequence NLLs by name."""
+    u_ppl = {s: float(ppl(nlls[s])) for s in bpw}
+    fits = [s for s in bpw if bpw[s] <= budget + 1e-9]
+    rest = [s for s in bpw if s not in fits]
+    best = min(fits, key=lambda s: u_ppl[s])
+    better = [s for s in rest if u_ppl[s] < u_ppl[best]]
+    above = min(better, key=lambda s: (bpw[s], u_ppl[s]))
+    lit_below = max(fits, key=lambda s: (bpw[s], -u_ppl[s]))
+    lit_above = min(rest, key=lambda s: (bpw[s], u_ppl[s]))
+
+    def diff_ci(a: np.ndarray, b: np.ndarray) -> list[float]:
+        d = ppl(a[boot_idx]) - ppl(b[boot_idx])
+        return [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+
+    # A scheme above can be better than the best fit by less than the noise; the gap to it then says little.
+    # The cheapest one that is significantly better (its paired 95 % interval of ppl(best) - ppl(it) above 0):
+    sig_better = [s for s in better if diff_ci(nlls[best], nlls[s])[0] > 0]
+    sig_above = min(sig_better, key=lambda s: (bpw[s], u_ppl[s])) if sig_better else None
+
+    def gap(below: str, above: str | None) -> tuple[float, list[float]] | tuple[None, None]:
+        if above is None:
+            return None, None
+        lo, hi = nlls[below], nlls[above]
+        if ppl(hi) >= ppl(lo):
+            return None, None
+        gb = (ppl(lo[boot_idx]) - ppl(rec[boot_idx])) / (ppl(lo[boot_idx]) - ppl(hi[boot_idx])) * 100
+        return (float((ppl(lo) - ppl(rec)) / (ppl(lo) - ppl(hi)) * 100),
+                [float(np.percentile(gb, 2.5)), float(np.percentile(gb, 97.5))])
+
+    g, g_ci = gap(best, above)
+    lg, lg_ci = gap(lit_below, lit_above)
+    sg, sg_ci = gap(best, sig_above)
+    vs_ci = diff_ci(rec, nlls[best])
+    return {"below": best, "above": above, "best_fit": best, "gap_closed": g, "gap_ci": g_ci,
+            "gap_width_ci": diff_ci(nlls[best], nlls[above]),
+            "sig_above": sig_above, "sig_gap_closed": sg, "sig_gap_ci": sg_ci,
+            "bpw_below": lit_below, "bpw_above": lit_above, "bpw_gap_closed": lg, "bpw_gap_ci": lg_ci,
+            "vs_best_fit": float(ppl(rec) - ppl(nlls[best])), "vs_best_fit_ci": vs_ci,
+            "significantly_worse": vs_ci[0] > 0, "goal_met": bool(g >= 50),
+            "goal_met_sig_gap": None if sg is None else bool(sg >= 50)}
+
+
 def merge(names: list[str], out_name: str) -> None:
     """One result from several runs on the same data (their uniform rows must agree): mixed and multi rows
     concatenated, every command kept."""
@@ -238,10 +280,10 @@ def merge(names: list[str], out_name: str) -> None:
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
     first = runs[0]
     for r in runs[1:]:
-        if r["fp32"] != first["fp32"] or {s: u["perplexity"] for s, u in r["uniform"].items()} != {
+        if r["fp32"] != first["fp32"] or r.get("quant") != first.get("quant") or {s: u["perplexity"] for s, u in r["uniform"].items()} != {
             s: u["perplexity"] for s, u in first["uniform"].items()
         }:
-            raise SystemExit("the runs to merge were not measured on the same data")
+            raise SystemExit("the runs to merge were not measured on the same data with the same PTQ recipe")
     out = {**first, "command": "`; `".join(r["command"] for r in runs), "mixed": [], "multi": []}
     nlls: dict[str, np.ndarray] = {}
     for n, r in zip(names, runs):
@@ -252,6 +294,16 @@ def merge(names: list[str], out_name: str) -> None:
         if path.exists():
             with np.load(path) as z:
                 nlls.update({k: z[k] for k in z.files})
+    # the gap figures again from the per-sequence NLLs, so every row has the same (current) definitions
+    bpw = {s: u["bpw"] for s, u in out["uniform"].items()}
+    boot_idx = boot_indices(len(nlls["fp32"]))
+    for r in out["mixed"]:
+        key = f"{r['method']}_{r['budget']}"
+        if key in nlls:
+            r.update(gap_stats(bpw, nlls, r["budget"], nlls[key], boot_idx))
+        if r.get("contender_report") and key + "_contender" in nlls:
+            c = gap_stats(bpw, nlls, r["budget"], nlls[key + "_contender"], boot_idx)
+            r["contender_report"].update({k: c[k] for k in ("gap_closed", "gap_ci", "vs_best_fit", "vs_best_fit_ci")})
     out["noise_floor"] = noise_floor(out, nlls)
     np.savez(RESULTS / f"{out_name}_nll.npz", **nlls)
     save(out, out_name, render)
@@ -283,6 +335,10 @@ def noise_floor(o: dict, nlls: dict[str, np.ndarray]) -> list[dict]:
 def render(o: dict) -> str:
     lines = [f"Command: `{o['command']}`. Machine: {o['machine']}. Loaded: other jobs shared the 2 cores, so wall "
              "seconds are upper bounds; CPU seconds are fairer.", "",
+             "PTQ recipe of every row (the search's own, `search_quant_config`): " + (", ".join(
+                 f"{k} {o['quant'][k]}" for k in ("weight_clip", "weight_rounding", "activation_clip", "bias_correction"))
+                 if o.get("quant") else "round to nearest, MSE weight clipping (the bench's own; not the search's)")
+             + ".", "",
              f"FP32 on the report half ({o['fp32']['tokens']} tokens): perplexity **{o['fp32']['perplexity']:.3f}**.",
              "", "| uniform scheme | bpw | perplexity | KL (nats/token) | top-1 agreement % |", "|---|---:|---:|---:|---:|"]
     for s, m in sorted(o["uniform"].items(), key=lambda kv: kv[1]["bpw"]):
@@ -291,6 +347,21 @@ def render(o: dict) -> str:
 
     def g(v, ci):
         return "n/a" if v is None else f"{v:.0f} ({ci[0]:.0f} – {ci[1]:.0f})"
+
+    def width(r):
+        w = r.get("gap_width_ci")
+        if not w:
+            return "–"
+        d = u[r["below"]]["perplexity"] - u[r["above"]]["perplexity"]
+        return f"{d:.3f} ({w[0]:+.3f} – {w[1]:+.3f}){'' if w[0] > 0 else ' n.s.'}"
+
+    def sig(r):
+        if "sig_above" not in r:
+            return "–"
+        if r["sig_above"] is None:
+            return "none"
+        return (f"{r['sig_above']}: {g(r['sig_gap_closed'], r['sig_gap_ci'])} "
+                f"{'met' if r['goal_met_sig_gap'] else 'NOT met'}")
 
     def test(t):
         if not t:
@@ -301,16 +372,17 @@ def render(o: dict) -> str:
               "chose between mixed and uniform ran on the selection windows: Δ mean per-sequence NLL, contender − "
               "best uniform, 95 % CI, 'sig.' when the one-sided test at 95 % passed):", "",
               "| method | budget bpw | rec. bpw | kind | perplexity | best uniform that fits / next better | "
-              "gap closed % (95 % CI) | goal ≥ 50 % | ppl − ppl(best fit) (95 % CI) | selection test Δ NLL | "
+              "gap width ppl (95 % CI) | gap closed % (95 % CI) | goal ≥ 50 % | next significantly better: gap closed "
+              "% (95 % CI) | ppl − ppl(best fit) (95 % CI) | selection test Δ NLL | "
               "refine: moves kept / passes | search wall s / CPU s | forward-pass equivalents (windows) |",
-              "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in o.get("mixed", []):
         rf = r["costs"].get("refine", {})
         lines.append(
             f"| {r.get('method', 'measured')} | {r['budget']} | {r['metrics']['bpw']:.3f} | {r['kind']} | "
             f"{r['perplexity']:.3f} | {r['below']} {u[r['below']]['perplexity']:.3f} / {r['above']} "
-            f"{u[r['above']]['perplexity']:.3f} | {g(r['gap_closed'], r['gap_ci'])} | "
-            f"{'met' if r['goal_met'] else 'NOT met'} | {r['vs_best_fit']:+.3f} "
+            f"{u[r['above']]['perplexity']:.3f} | {width(r)} | {g(r['gap_closed'], r['gap_ci'])} | "
+            f"{'met' if r['goal_met'] else 'NOT met'} | {sig(r)} | {r['vs_best_fit']:+.3f} "
             f"({r['vs_best_fit_ci'][0]:+.3f} – {r['vs_best_fit_ci'][1]:+.3f}){' worse' if r['significantly_worse'] else ''} | "
             f"{test(r.get('selection_test'))} | {rf.get('steps', '–')} / {rf.get('passes', '–')} | "
             f"{r['wall_s']:.0f} / {r['cpu_s']:.0f} | {r.get('window_passes_total', 0):.0f} |")

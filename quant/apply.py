@@ -40,11 +40,13 @@ class QuantConfig:
     activation_quantizer: str = "auto"  # "auto": unsigned when the calibrated input is never negative
     activation_clip: str = "minmax"
     percentile: float = 99.99
+    #: add E[ΔW·x] to the output of every layer that `bias_correction_applies` to (see there)
     bias_correction: bool = False
     stochastic_rounding: bool = False
     calibration_samples: int = 256
     batch_size: int = 64
-    #: "nearest" (round to nearest after clipping) or "gptq" (error-compensated, needs calibration data)
+    #: "nearest" (round to nearest after clipping) or "gptq" (error-compensated, needs calibration data; a
+    #: weight that is also an embedding table is rounded to nearest: `gptq_applies`)
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -86,10 +88,11 @@ class QuantConfig:
 
 
 #: How a search realises every allocation when calibration data exist, unless its `quant` settings say
-#: otherwise: output-MSE weight clipping, GPTQ error-compensated rounding, MSE activation clipping and bias
-#: correction. Against round-to-nearest with min-max activations it is better or level on ResNet-20 and the
-#: zoo's digits-cnn / digits-mlp at W2-W4 and W3A4/W4A4 (bench/ptq_recipes.py); GPTQ alone lifts ResNet-20
-#: W2 from 28 % to 53 % and W3 by 2.2 points. Data-free searches keep `QuantConfig()`'s defaults.
+#: otherwise: output-MSE weight clipping, GPTQ error-compensated rounding (not on a tied output head:
+#: `gptq_applies`), MSE activation clipping and bias correction (on convolutions and layers with a bias only:
+#: `bias_correction_applies`). Against round-to-nearest with min-max activations it is better or level on
+#: ResNet-20 and the zoo's digits-cnn / digits-mlp at W2-W4 and W3A4/W4A4 (bench/ptq_recipes.py); GPTQ alone
+#: lifts ResNet-20 W2 from 28 % to 53 % and W3 by 2.2 points. Data-free searches keep `QuantConfig()`'s defaults.
 SEARCH_PTQ_DEFAULTS: dict[str, Any] = {
     "weight_clip": "auto",
     "weight_rounding": "gptq",
@@ -103,6 +106,25 @@ def search_quant_config(settings: dict[str, Any] | None, calibration_available: 
     defaults without calibration data, since the recipe needs them)."""
     base = dict(SEARCH_PTQ_DEFAULTS) if calibration_available else {}
     return QuantConfig.from_dict({**base, **(settings or {})})
+
+
+def bias_correction_applies(layer: nn.Module) -> bool:
+    """Whether bias correction may touch `layer`: a layer that already has a bias (the correction is folded
+    into it), or a convolution, whose runtimes always take a bias input (the ONNX QDQ export writes the
+    correction as the Conv's bias; ResNet-20's bias-less convs gain +0.1 to +4.1 points from it,
+    bench/ptq_recipes.py). A Linear without a bias gets none: adding one changes the graph, and the LLM
+    formats that describe such projections (llama.cpp tensor types, compressed-tensors, Hugging Face
+    `quantization_config`) cannot carry it, so a search that priced it would report a model no runtime runs."""
+    return getattr(layer, "bias", None) is not None or not isinstance(layer, nn.Linear)
+
+
+def gptq_applies(q: "QuantizedLayer") -> bool:
+    """Whether GPTQ rounding may realise `q`'s weight: not when the weight is also an embedding table (a tied
+    output head). GPTQ moves each row's rounding error into directions the head's inputs rarely use, but an
+    embedding lookup reads the rows as they are: on zoo:tiny-llama's held-out text, GPTQ on the tied head
+    took uniform int2-g64 from perplexity 10.9 to 27.1 (bench/llm_schemes.py). Such a weight is rounded to
+    nearest under the same clipping."""
+    return not q.weight_tied
 
 
 def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -129,6 +151,8 @@ class QuantizedLayer(nn.Module):
         self.input_quant: Quantizer = FloatQuantizer(32)
         self.weight_quant: Quantizer = FloatQuantizer(32)
         self.register_buffer("bias_correction", None)
+        #: the weight is also an embedding table (a tied output head); set by `wrap_model`
+        self.weight_tied = False
         self._wq_cache: tuple[int, torch.Tensor] | None = None
         # Derived weight quantizers by option, for the current statistics and weight version: searches and
         # refinement switch a layer between a few options thousands of times, and output-MSE clipping and
@@ -192,7 +216,7 @@ class QuantizedLayer(nn.Module):
             lo, hi = clip_range(cfg.weight_clip, rows, wq, ctx)
             wq.set_range(lo if wq.per_channel else lo[0], hi if wq.per_channel else hi[0])
         wq.to(w.device)
-        if cfg.weight_rounding == "gptq" and not is_float_bits(bits.weight_bits):
+        if cfg.weight_rounding == "gptq" and not is_float_bits(bits.weight_bits) and gptq_applies(self):
             wq = self._gptq(w, wq, data_ctx)
         if not cfg.stochastic_rounding:
             if len(self._wq_memo) >= 64 or any(k[0] != "input" and k[1:] != memo_key[1:] for k in self._wq_memo):
@@ -214,7 +238,8 @@ class QuantizedLayer(nn.Module):
             self._wq_memo[iq_key] = iq
         self.input_quant = iq
         self.bias_correction = None
-        if cfg.bias_correction and not is_float_bits(bits.weight_bits):
+        corrects = cfg.bias_correction and not is_float_bits(bits.weight_bits)
+        if corrects and bias_correction_applies(self.layer):
             mean = self.stats.weight_moments(self.layer)[0] if self.stats else None
             if mean is None:
                 raise BitsearchError("bias_correction needs calibration data")
@@ -338,6 +363,9 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedLaye
             wrappers[id(module)] = QuantizedLayer(module, name, config)
     if not wrappers:
         raise BitsearchError("the model has no quantizable layer")
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for w in wrappers.values():
+        w.weight_tied = id(w.layer.weight) in embedding_weights
     for parent in list(model.modules()):
         if isinstance(parent, QuantizedLayer):
             continue
