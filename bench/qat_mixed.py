@@ -49,7 +49,7 @@ from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, RESULTS, machine, require
 
 from quant import Allocation, LayerBits, QuantConfig, discover_layers
 from quant.cost import CostModel
-from quant.qat import QATRecipe, finetune
+from quant.qat import QATRecipe, QATTrainer
 from search import AllocationProblem, Budget, solve
 from search.selection import mean_interval, paired_test, split_roles
 from sensitivity import SensitivityOptions, SensitivityTable, compute_sensitivity
@@ -62,6 +62,9 @@ ABITS = (4, 6, 8)
 #: The PTQ quantizer settings of bench/search_selection.py, so the tables price the same weight errors.
 CONFIG = QuantConfig(weight_clip="auto")
 RUNS = RESULTS / "qat_mixed_runs"
+#: Where each QAT init's runs and tables go: "calibrated" is the bench's original recipe (its runs are kept
+#: as they were); "ptq" starts QAT from the search's PTQ realisation (GPTQ weights, bias correction).
+INITS = {"calibrated": ("qat_mixed_runs", "qat_mixed"), "ptq": ("qat_mixed_ptq_runs", "qat_mixed_ptq")}
 PTQ_BUDGET = "size+BOPs of W3A4"
 
 
@@ -182,19 +185,35 @@ def allocations(s: Setup, arms: list[str], source: Path) -> dict[str, dict]:
     return stored
 
 
-def run_one(arm: str, seed: int, steps: int) -> None:
+def use_init(init: str) -> None:
+    """Point RUNS at `init`'s folder; a new folder starts from the original runs' allocations, so that both
+    recipes train exactly the same bits (search_selection.json may have changed since)."""
+    global RUNS
+    RUNS = RESULTS / INITS[init][0]
+    first = RESULTS / INITS["calibrated"][0] / "allocations.json"
+    if init != "calibrated" and not (RUNS / "allocations.json").exists() and first.exists():
+        RUNS.mkdir(parents=True, exist_ok=True)
+        (RUNS / "allocations.json").write_text(first.read_text())
+
+
+def run_one(arm: str, seed: int, steps: int, init: str) -> None:
     """Fine-tune one arm with one seed; store its figures and per-image correctness."""
     torch.set_num_threads(1)
     s = Setup()
     stored = json.loads((RUNS / "allocations.json").read_text())
     alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, stored[arm]["bits"].split("/"))})
-    recipe = QATRecipe(steps=steps, batch_size=128, lr=0.01, weight_decay=1e-4, bn="train", seed=seed)
+    recipe = QATRecipe(steps=steps, batch_size=128, lr=0.01, weight_decay=1e-4, bn="train", seed=seed, init=init)
     torch.manual_seed(seed)
     c0 = time.process_time()
-    res = finetune(s.model, alloc, s.train, recipe, calibration=s.calib)
-    cpu = time.process_time() - c0
-    out = {"arm": arm, "seed": seed, "bits": stored[arm]["bits"], "steps": res.steps,
-           "train_seconds": res.train_seconds, "cpu_seconds": cpu}  # fmt: skip
+    trainer = QATTrainer(s.model, alloc, s.train, recipe, calibration=s.calib)
+    build_cpu = time.process_time() - c0
+    # The starting point (step 0, the fake-quant model before any step): with init "ptq", the PTQ model.
+    start = {role: evaluate(trainer.model, data).top1 for role, data in (("report", s.report), ("selection", s.selection))}
+    c1 = time.process_time()
+    res = trainer.run()
+    cpu = build_cpu + time.process_time() - c1
+    out = {"arm": arm, "seed": seed, "init": init, "bits": stored[arm]["bits"], "steps": res.steps,
+           "train_seconds": res.train_seconds, "cpu_seconds": cpu, "start_top1": start}  # fmt: skip
     for role, data in (("report", s.report), ("selection", s.selection)):
         r = evaluate(res.model, data)
         correct = r.per_sample["correct"].numpy()
@@ -204,7 +223,7 @@ def run_one(arm: str, seed: int, steps: int) -> None:
           f"({res.train_seconds:.0f} s training, {cpu:.0f} CPU s)", flush=True)  # fmt: skip
 
 
-def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int) -> None:
+def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int, init: str) -> None:
     """One subprocess per missing (arm, seed), ordered seed by seed so that a cut leaves balanced arms."""
     todo = [(a, sd) for sd in seeds for a in arms if not (RUNS / f"{a}-s{sd}.json").exists()]
     running: list[subprocess.Popen] = []
@@ -212,7 +231,7 @@ def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int) -> N
     while todo or running:
         while todo and len(running) < jobs:
             a, sd = todo.pop(0)
-            cmd = [sys.executable, script, "--run-one", f"{a}:{sd}", "--steps", str(steps)]
+            cmd = [sys.executable, script, "--run-one", f"{a}:{sd}", "--steps", str(steps), "--init", init]
             running.append(subprocess.Popen(cmd))
         time.sleep(5)
         for p in [p for p in running if p.poll() is not None]:
@@ -243,7 +262,7 @@ def two_level_bootstrap(diff: np.ndarray, resamples: int = 4000, seed: int = 0) 
     return float(lo), float(hi), float((means >= 1.0).mean())
 
 
-def aggregate(arms: list[str], seeds: list[int], cmd: str) -> None:
+def aggregate(arms: list[str], seeds: list[int], cmd: str, init: str = "calibrated") -> None:
     runs = {}
     for p in sorted(RUNS.glob("*-s*.json")):
         r = json.loads(p.read_text())
@@ -344,8 +363,9 @@ def aggregate(arms: list[str], seeds: list[int], cmd: str) -> None:
               "once, so wall-clock figures are on a loaded machine."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
-    write_result("qat_mixed.md", text)
-    write_result("qat_mixed.json", json.dumps(summary, indent=1, default=str) + "\n")
+    name = INITS[init][1]
+    write_result(f"{name}.md", text)
+    write_result(f"{name}.json", json.dumps(summary, indent=1, default=str) + "\n")
 
 
 def main() -> None:
@@ -356,11 +376,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     ap.add_argument("--aggregate", action="store_true", help="only tabulate the stored runs")
+    ap.add_argument("--init", choices=sorted(INITS), default="calibrated",
+                    help='QAT init: "calibrated" (the original recipe) or "ptq" (from the search\'s PTQ model); '
+                         "each has its own runs folder and tables")  # fmt: skip
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    use_init(args.init)
     if args.run_one:
         arm, seed = args.run_one.split(":")
-        run_one(arm, int(seed), args.steps)
+        run_one(arm, int(seed), args.steps, args.init)
         return
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := [a for a in arms if a not in ARMS]:
@@ -372,8 +396,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if not args.aggregate:
         allocations(Setup(), arms, Path(args.source))
-        train_missing(arms, seeds, args.steps, args.jobs)
-    aggregate(arms, seeds, cmd)
+        train_missing(arms, seeds, args.steps, args.jobs, args.init)
+    aggregate(arms, seeds, cmd, args.init)
 
 
 if __name__ == "__main__":
