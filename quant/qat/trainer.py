@@ -9,7 +9,11 @@ What it does
 1. Builds the fake-quant model: `apply_allocation` with the static quantizers (per-channel `int_sym`
    weights, uint/int_asym activations) calibrates every layer on `calibration` (default: a seeded subset of
    `train_data`), then each layer's quantizers are swapped for the recipe's learnable ones, initialised from
-   those calibrated ranges (`init="calibrated"`) or as the papers do (`init="paper"`). Inputs that can be
+   those calibrated ranges (`init="calibrated"`) or as the papers do (`init="paper"`). With `init="ptq"` the
+   model is first built with the search's PTQ recipe (`quant.apply.search_quant_config`, or `quant_config`):
+   GPTQ-rounded weights become the latent weights, their per-channel scales LSQ's steps, the calibrated
+   activation ranges LSQ's ranges, and a bias correction is folded into the layer's (trainable) bias, so
+   step 0 is the model the search measured. Inputs that can be
    negative (the calibrated quantizer is int_asym, e.g. a normalised image) get LSQ with a learned offset
    (LSQ+), also under `activation_quantizer="pact"`. Float, ternary and binary layers keep their
    quantizers. `model` itself is never modified.
