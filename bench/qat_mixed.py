@@ -27,6 +27,13 @@ test; over seeds, the mean Δ with (a) a t-interval over the per-seed paired Δs
 seeds − 1) and (b) a two-level bootstrap (resample seeds, and the report images shared by all seeds: seed and
 image variation together). With few seeds the t-interval is very wide and the bootstrap, resampling only
 those seeds, understates seed variation: the +1.0 goal counts as met only when both lower bounds clear it.
+
+QAT init (`--init`): "calibrated" (the recipe above: round-to-nearest latent weights, LSQ steps from
+MSE-clipped ranges; runs in `qat_mixed_runs/`, tables `qat_mixed.md`) or "ptq" (`QATRecipe.init="ptq"`: every
+run starts from the search's PTQ realisation, `search_quant_config` — GPTQ-rounded weights as latents, their
+scales as LSQ steps, MSE activation ranges, bias correction as a trainable bias; runs in
+`qat_mixed_ptq_runs/`, which start from the same `allocations.json`, tables `qat_mixed_ptq.md`, with both
+inits side by side and their step-0 accuracy). A choice between the inits uses the selection images only.
 """
 
 from __future__ import annotations
@@ -354,18 +361,74 @@ def aggregate(arms: list[str], seeds: list[int], cmd: str, init: str = "calibrat
         lines += ["", f"Choice among the mixed arms on the 2,000 **selection** images (mean top-1 over seeds "
                   f"{common}: " + ", ".join(f"{a} {v:.2f}" for a, v in sel.items()) + f"): **{pick}**; its report "
                   f"figures are the row above, not chosen on the report images."]  # fmt: skip
+    if init != "calibrated":
+        lines += recipes_side_by_side(arms, seeds, init, corr, runs, summary)
     secs = [r["train_seconds"] for r in runs.values()]
     cpus = [r["cpu_seconds"] for r in runs.values()]
+    how = "--jobs 2" if init == "calibrated" else f"--init {init} --jobs 1"
+    at_once = "at most two runs at once" if init == "calibrated" else "one run at a time"
     lines += ["", f"Training time per run: {np.mean(secs):.0f} s wall (loaded machine; range {min(secs):.0f}–"
               f"{max(secs):.0f}), {np.mean(cpus):.0f} CPU s, one thread, 200 steps.", "",
               f"Runs: `.venv/bin/python bench/qat_mixed.py --arms {','.join(arms)} --seeds "
-              f"{','.join(map(str, seeds))} --jobs 2`; tables: `.venv/bin/{cmd}`. Machine: {machine()}; shared with other jobs, at most two runs at "
-              "once, so wall-clock figures are on a loaded machine."]  # fmt: skip
+              f"{','.join(map(str, seeds))} {how}`; tables: `.venv/bin/{cmd}`. Machine: {machine()}; shared with "
+              f"other jobs, {at_once}, so wall-clock figures are on a loaded machine."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     name = INITS[init][1]
     write_result(f"{name}.md", text)
     write_result(f"{name}.json", json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def starting_point(arm: str, init: str) -> dict[str, float]:
+    """Top-1 of the fake-quant model at step 0 (before any QAT step) on report and selection images; it does
+    not depend on the seed (the calibration images are fixed). Stored in the init's runs folder."""
+    path = RESULTS / INITS[init][0] / "starts.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if arm not in stored:
+        torch.set_num_threads(1)
+        s = Setup()
+        allocs = json.loads((RESULTS / INITS[init][0] / "allocations.json").read_text())
+        alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, allocs[arm]["bits"].split("/"))})
+        trainer = QATTrainer(s.model, alloc, s.train, QATRecipe(steps=200, init=init), calibration=s.calib)
+        stored[arm] = {role: evaluate(trainer.model, d).top1 for role, d in (("report", s.report), ("selection", s.selection))}
+        path.write_text(json.dumps(stored, indent=1) + "\n")
+    return stored[arm]
+
+
+def recipes_side_by_side(arms: list[str], seeds: list[int], init: str, corr: dict, runs: dict, summary: dict) -> list[str]:
+    """This init's runs beside the original recipe's ("calibrated", its own folder), the same arms and seeds.
+    A choice between the recipes may use the selection images only; the report columns are not for choosing."""
+    other = {}
+    for p in sorted((RESULTS / INITS["calibrated"][0]).glob("*-s*.json")):
+        r = json.loads(p.read_text())
+        if r["arm"] in arms and r["seed"] in seeds:
+            other[(r["arm"], r["seed"])] = r
+    common = [sd for sd in seeds if all((a, sd) in runs and (a, sd) in other for a in arms)]
+    if not common:
+        return []
+    lines = ["", f"## Both QAT inits side by side (seeds {common}; step 0 = the model before any QAT step)", "",
+             "| arm | init | step 0: selection / report | after 200 steps: selection mean | report mean | "
+             "report Δ vs uniform (same init) |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    side: dict = {}
+    for a in arms:
+        for name, rr in (("calibrated", other), (init, runs)):
+            st = starting_point(a, name)
+            sel = float(np.mean([rr[(a, sd)]["selection"]["top1"] for sd in common]))
+            rep = float(np.mean([rr[(a, sd)]["report"]["top1"] for sd in common]))
+            d = rep - float(np.mean([rr[("uniform", sd)]["report"]["top1"] for sd in common]))
+            side.setdefault(a, {})[name] = {"start": st, "selection_mean": sel, "report_mean": rep,
+                                            "report_delta_vs_uniform": d}  # fmt: skip
+            dcell = "–" if a == "uniform" else f"{d:+.2f}"
+            lines.append(f"| {a} | {name} | {st['selection']:.2f} / {st['report']:.2f} | {sel:.2f} | {rep:.2f} | "
+                         f"{dcell} |")  # fmt: skip
+    better = {a: side[a][init]["selection_mean"] > side[a]["calibrated"]["selection_mean"] for a in arms}
+    lines += ["", f"Choice of init on the 2,000 **selection** images (mean over seeds {common}): "
+              + ", ".join(f"{a}: {init} {side[a][init]['selection_mean']:.2f} vs calibrated "
+                          f"{side[a]['calibrated']['selection_mean']:.2f}" for a in arms)
+              + (f"; **{init}** is better for every arm." if all(better.values())
+                 else f"; {init} is not better for every arm, so \"calibrated\" stays the default.")]  # fmt: skip
+    summary["inits_side_by_side"] = {"seeds": common, "arms": side, f"{init}_better_on_selection": better}
+    return lines
 
 
 def main() -> None:
