@@ -8,10 +8,12 @@ our data).
 
 Arms (`--arms`): `uniform` (W3A4 everywhere); `ptq-rec`, the PTQ recommendation of
 `bench/results/search_selection.json` (row "W/A", budget "size+BOPs of W3A4": chosen by PTQ accuracy on the
-2,000 selection images of test.npz); `hessian` and `fisher`, allocations chosen *for QAT* from a sensitivity
-table alone, with no accuracy measurement: the ILP solver (`search.solve`) over W{2..8} x A{4,6,8} at <= the
-average weight bits *and* <= the BOPs of uniform W3A4, from a table computed by `compute_sensitivity` on 256
-calibration images of train.npz. `hessian` prices each layer's weights with its Hessian trace (HAWQ-V2/V3:
+2,000 selection images of test.npz, with the PTQ recipe of its time); `gptq-rec`, the search's current
+recommendation at that budget, `bench/results/search_selection_wa.json` (the same procedure with the search's
+GPTQ PTQ recipe, `quant.apply.SEARCH_PTQ_DEFAULTS`); `hessian` and `fisher`, allocations chosen *for QAT*
+from a sensitivity table alone, with no accuracy measurement: the ILP solver (`search.solve`) over
+W{2..8} x A{4,6,8} at <= the average weight bits *and* <= the BOPs of uniform W3A4, from a table computed by
+`compute_sensitivity` on 256 calibration images of train.npz. `hessian` prices each layer's weights with its Hessian trace (HAWQ-V2/V3:
 ½·Tr(H)/n·‖ΔW‖², exact Gauss-Newton trace, the loss curvature QAT recovers from) and its input activations
 with the empirical-Fisher activation term (the Hessian method covers weights only); `fisher` uses the
 empirical-Fisher table for both.
@@ -62,7 +64,7 @@ from search.selection import mean_interval, paired_test, split_roles
 from sensitivity import SensitivityOptions, SensitivityTable, compute_sensitivity
 from zoo import evaluate, load_model, load_npz
 
-ARMS = ("uniform", "ptq-rec", "hessian", "fisher")
+ARMS = ("uniform", "ptq-rec", "gptq-rec", "hessian", "fisher")
 UNIFORM = LayerBits(3, 4)
 WBITS = (2, 3, 4, 5, 6, 7, 8)
 ABITS = (4, 6, 8)
@@ -73,6 +75,8 @@ RUNS = RESULTS / "qat_mixed_runs"
 #: as they were); "ptq" starts QAT from the search's PTQ realisation (GPTQ weights, bias correction).
 INITS = {"calibrated": ("qat_mixed_runs", "qat_mixed"), "ptq": ("qat_mixed_ptq_runs", "qat_mixed_ptq")}
 PTQ_BUDGET = "size+BOPs of W3A4"
+#: Where the search's current W/A recommendation (the GPTQ PTQ recipe) is stored: the `gptq-rec` arm.
+GPTQ_SOURCE = RESULTS / "search_selection_wa.json"
 
 
 def parse_label(text: str) -> LayerBits:
@@ -160,7 +164,8 @@ def sensitivity_allocation(s: Setup, method: str) -> tuple[Allocation, dict]:
 def allocation_of(s: Setup, arm: str, source: Path) -> tuple[Allocation, dict]:
     if arm == "uniform":
         return Allocation.uniform(s.names, UNIFORM), {"method": "uniform W3A4"}
-    if arm == "ptq-rec":
+    if arm in ("ptq-rec", "gptq-rec"):
+        source = GPTQ_SOURCE if arm == "gptq-rec" else source
         rows = json.loads(source.read_text())
         row = next(r for r in rows if r["setting"] == "W/A" and r["budget"] == PTQ_BUDGET)
         alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, row["bits"].split("/"))})
@@ -269,6 +274,26 @@ def two_level_bootstrap(diff: np.ndarray, resamples: int = 4000, seed: int = 0) 
     return float(lo), float(hi), float((means >= 1.0).mean())
 
 
+def against_uniform(corr: dict, arm: str, seeds: list[int]) -> dict:
+    """`arm` against uniform on the report images of `seeds`: per-seed paired Δ with McNemar's p, the mean Δ
+    over seeds with a t-interval and a two-level bootstrap, and whether the +1.0 goal is met (both lower
+    bounds at or above it)."""
+    per, diffs = [], []
+    for sd in seeds:
+        d = paired_test(corr[(arm, sd)]["report"], corr[("uniform", sd)]["report"], alternative="two-sided")
+        per.append({"seed": sd, "delta": d.delta, "low": d.low, "high": d.high, "p_mcnemar": d.p_value})
+        diffs.append(corr[(arm, sd)]["report"] - corr[("uniform", sd)]["report"])
+    diff = np.stack(diffs) * 100
+    dseed = diff.mean(axis=1)
+    tlo, thi = t_interval(dseed)
+    blo, bhi, share = two_level_bootstrap(diff)
+    mean = float(dseed.mean())
+    lo = min(tlo, blo) if len(seeds) > 1 else blo
+    goal = "met" if lo >= 1.0 else ("not shown (mean ≥ 1.0, interval below)" if mean >= 1.0 else "**not met**")
+    return {"per_seed": per, "mean_delta": mean, "t_interval": [tlo, thi], "bootstrap_interval": [blo, bhi],
+            "bootstrap_share_at_goal": share, "seeds": seeds, "goal": goal}  # fmt: skip
+
+
 def aggregate(arms: list[str], seeds: list[int], cmd: str, init: str = "calibrated") -> None:
     runs = {}
     for p in sorted(RUNS.glob("*-s*.json")):
@@ -332,21 +357,10 @@ def aggregate(arms: list[str], seeds: list[int], cmd: str, init: str = "calibrat
         both = [sd for sd in done if (a, sd) in runs]
         if not both:
             continue
-        per, diffs = [], []
-        for sd in both:
-            d = paired_test(corr[(a, sd)]["report"], corr[("uniform", sd)]["report"], alternative="two-sided")
-            per.append({"seed": sd, "delta": d.delta, "low": d.low, "high": d.high, "p_mcnemar": d.p_value})
-            diffs.append(corr[(a, sd)]["report"] - corr[("uniform", sd)]["report"])
-        diff = np.stack(diffs) * 100
-        dseed = diff.mean(axis=1)
-        tlo, thi = t_interval(dseed)
-        blo, bhi, share = two_level_bootstrap(diff)
-        mean = float(dseed.mean())
-        lo = min(tlo, blo) if len(both) > 1 else blo
-        goal = "met" if lo >= 1.0 else ("not shown (mean ≥ 1.0, interval below)" if mean >= 1.0 else "**not met**")
-        summary["comparisons"][a] = {"per_seed": per, "mean_delta": mean, "t_interval": [tlo, thi],
-                                     "bootstrap_interval": [blo, bhi], "bootstrap_share_at_goal": share,
-                                     "seeds": both, "goal": goal}  # fmt: skip
+        c = against_uniform(corr, a, both)
+        per, mean, (tlo, thi), (blo, bhi) = c["per_seed"], c["mean_delta"], c["t_interval"], c["bootstrap_interval"]
+        share, goal = c["bootstrap_share_at_goal"], c["goal"]
+        summary["comparisons"][a] = c
         cells = ", ".join(f"s{x['seed']}: {x['delta']:+.2f} (p={x['p_mcnemar']:.2g})" for x in per)
         tcell = f"[{tlo:+.2f}, {thi:+.2f}]" if len(both) > 1 else "n/a (one seed)"
         lines.append(f"| {a} | {cells} | {len(both)} | **{mean:+.2f}** | {tcell} | "
@@ -408,19 +422,27 @@ def recipes_side_by_side(arms: list[str], seeds: list[int], init: str, corr: dic
         return []
     lines = ["", f"## Both QAT inits side by side (seeds {common}; step 0 = the model before any QAT step)", "",
              "| arm | init | step 0: selection / report | after 200 steps: selection mean | report mean | "
-             "report Δ vs uniform (same init) |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "report Δ vs uniform (same init) | t-interval over seeds | two-level bootstrap | goal Δ ≥ +1.0 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
+    other_corr = {k: {role: unpack(v[role]["correct"], v[role]["n"]) for role in ("report", "selection")}
+                  for k, v in other.items()}  # fmt: skip
     side: dict = {}
     for a in arms:
-        for name, rr in (("calibrated", other), (init, runs)):
+        for name, rr, cc in (("calibrated", other, other_corr), (init, runs, corr)):
             st = starting_point(a, name)
             sel = float(np.mean([rr[(a, sd)]["selection"]["top1"] for sd in common]))
             rep = float(np.mean([rr[(a, sd)]["report"]["top1"] for sd in common]))
-            d = rep - float(np.mean([rr[("uniform", sd)]["report"]["top1"] for sd in common]))
-            side.setdefault(a, {})[name] = {"start": st, "selection_mean": sel, "report_mean": rep,
-                                            "report_delta_vs_uniform": d}  # fmt: skip
-            dcell = "–" if a == "uniform" else f"{d:+.2f}"
+            entry = {"start": st, "selection_mean": sel, "report_mean": rep}
+            cells = "– | – | – | –"
+            if a != "uniform":
+                c = against_uniform(cc, a, common)
+                entry["against_uniform"] = c
+                (tlo, thi), (blo, bhi) = c["t_interval"], c["bootstrap_interval"]
+                cells = (f"{c['mean_delta']:+.2f} | [{tlo:+.2f}, {thi:+.2f}] | [{blo:+.2f}, {bhi:+.2f}] | "
+                         f"{c['goal']}")  # fmt: skip
+            side.setdefault(a, {})[name] = entry
             lines.append(f"| {a} | {name} | {st['selection']:.2f} / {st['report']:.2f} | {sel:.2f} | {rep:.2f} | "
-                         f"{dcell} |")  # fmt: skip
+                         f"{cells} |")  # fmt: skip
     better = {a: side[a][init]["selection_mean"] > side[a]["calibrated"]["selection_mean"] for a in arms}
     lines += ["", f"Choice of init on the 2,000 **selection** images (mean over seeds {common}): "
               + ", ".join(f"{a}: {init} {side[a][init]['selection_mean']:.2f} vs calibrated "
