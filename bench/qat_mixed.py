@@ -421,6 +421,8 @@ def recipes_side_by_side(arms: list[str], seeds: list[int], init: str, corr: dic
     if not common:
         return []
     lines = ["", f"## Both QAT inits side by side (seeds {common}; step 0 = the model before any QAT step)", "",
+             f"The calibrated rows are the runs in `{INITS['calibrated'][0]}/` (`--init calibrated`, the same "
+             f"allocations, seeds and steps); the {init} rows those above.", "",
              "| arm | init | step 0: selection / report | after 200 steps: selection mean | report mean | "
              "report Δ vs uniform (same init) | t-interval over seeds | two-level bootstrap | goal Δ ≥ +1.0 |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
