@@ -177,3 +177,20 @@ def test_ptq_init_through_the_qat_job(cnn):
     assert out.result["initial_metrics"]["top1"] > 50
     with pytest.raises(BitsearchError, match="init must be one of"):
         run_finetune({"model": "zoo:digits-cnn", "allocation": alloc.to_dict(), "recipe": {"init": "gptq"}})
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen", "reestimate"])
+def test_ptq_init_with_every_batchnorm_mode(cnn, digits, bn):
+    alloc = Allocation.uniform(names_of(cnn.model, cnn.example_input), LayerBits(3, 4))
+    ptq = apply_allocation(cnn.model, alloc, digits.calibration, search_quant_config(None, True))
+    with torch.no_grad():
+        ptq_top1 = float((ptq(digits.test.x).argmax(1) == digits.test.y).float().mean() * 100)
+    recipe = QATRecipe(steps=6, batch_size=32, init="ptq", bn=bn, bn_batches=2)
+    res = finetune(cnn.model, alloc, digits.train, recipe, calibration=digits.calibration, eval_data=digits.test)
+    # the starting point is evaluated before any step or re-estimation: the PTQ model, whatever the BN mode
+    assert res.initial_metrics["top1"] == pytest.approx(ptq_top1)
+    assert res.steps == 6 and res.metrics["top1"] > 50
+    bns = [m for m in res.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if bn == "frozen":  # eval-mode BN during training: the running statistics stay the FP32 model's
+        ref = [m for m in cnn.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(bns, ref))
