@@ -2,8 +2,6 @@
 the calibrated activation ranges, bias correction as a trainable bias), trains, stays on its grid, resumes
 bit for bit, and bad settings give clear errors."""
 
-import copy
-
 import pytest
 import torch
 
@@ -30,15 +28,6 @@ def digits():
 @pytest.fixture(scope="module")
 def cnn():
     return load_model("zoo:digits-cnn")
-
-
-@pytest.fixture(scope="module")
-def mlp_without_fc1_bias():
-    """digits-mlp with fc1's bias removed: the PTQ bias correction must create a bias there."""
-    loaded = load_model("zoo:digits-mlp")
-    model = copy.deepcopy(loaded.model)
-    model.fc1.bias = None
-    return model, loaded.example_input
 
 
 def names_of(model, example):
@@ -83,27 +72,29 @@ def test_ptq_init_starts_at_the_ptq_model(cnn, digits):
         assert not torch.allclose(calibrated.model.eval()(test.x), a, atol=1e-3)
 
 
-def test_ptq_init_trains_stays_on_the_grid_and_carries_bias_correction(mlp_without_fc1_bias, digits):
-    model, example = mlp_without_fc1_bias
-    alloc = Allocation.uniform(names_of(model, example), LayerBits(3, 4))
+def test_ptq_init_trains_stays_on_the_grid_and_carries_bias_correction(cnn, digits):
+    # digits-cnn's convolutions have no bias: the PTQ bias correction must create one (conv1).
+    model = cnn.model
+    alloc = Allocation.uniform(names_of(model, cnn.example_input), LayerBits(3, 4))
     ptq = apply_allocation(model, alloc, digits.calibration, search_quant_config(None, True))
-    bc = quantized_layers(ptq)["fc1"].bias_correction
-    assert bc is not None and model.fc1.bias is None
-    recipe = QATRecipe(steps=30, batch_size=32, lr=0.02, init="ptq", seed=1)
+    bc = quantized_layers(ptq)["conv1"].bias_correction
+    assert bc is not None and model.conv1.bias is None
+    # frozen BN: under batch statistics a bias before BN would get no gradient to show that it trains
+    recipe = QATRecipe(steps=30, batch_size=32, lr=0.02, init="ptq", seed=1, bn="frozen")
     trainer = QATTrainer(model, alloc, digits.train, recipe, calibration=digits.calibration, eval_data=digits.test)
-    fc1 = quantized_layers(trainer.model)["fc1"].layer
-    assert isinstance(fc1.bias, torch.nn.Parameter) and torch.allclose(fc1.bias.detach(), bc)
-    assert model.fc1.bias is None  # the caller's model is untouched
+    conv1 = quantized_layers(trainer.model)["conv1"].layer
+    assert isinstance(conv1.bias, torch.nn.Parameter) and torch.allclose(conv1.bias.detach(), bc)
+    assert model.conv1.bias is None  # the caller's model is untouched
     # the created bias is trained (an optimizer parameter without weight decay)
     no_decay = trainer.optimizer.param_groups[1]
-    assert any(p is fc1.bias for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    start_bias = fc1.bias.detach().clone()
+    assert any(p is conv1.bias for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    start_bias = conv1.bias.detach().clone()
     res = trainer.run()
     assert res.initial_metrics["top1"] > 50
     losses = [h["loss"] for h in res.history if "loss" in h]
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
-    assert not torch.equal(fc1.bias.detach(), start_bias)
+    assert not torch.equal(conv1.bias.detach(), start_bias)
     for name, layer in quantized_layers(res.model).items():
         q = layer.weight_quant
         wq = layer.quantized_weight().detach()
@@ -113,9 +104,9 @@ def test_ptq_init_trains_stays_on_the_grid_and_carries_bias_correction(mlp_witho
         assert codes.abs().max() <= q.levels()[1] + 1e-4, name
 
 
-def test_ptq_init_resumes_bit_exactly_with_a_created_bias(mlp_without_fc1_bias, digits, tmp_path):
-    model, example = mlp_without_fc1_bias
-    alloc = mixed(names_of(model, example))
+def test_ptq_init_resumes_bit_exactly_with_a_created_bias(cnn, digits, tmp_path):
+    model = cnn.model
+    alloc = mixed(names_of(model, cnn.example_input))
     recipe = QATRecipe(steps=10, batch_size=32, init="ptq", seed=2)
     full = finetune(model, alloc, digits.train, recipe, calibration=digits.calibration, eval_data=digits.test)
 
@@ -128,7 +119,7 @@ def test_ptq_init_resumes_bit_exactly_with_a_created_bias(mlp_without_fc1_bias, 
     assert first.stopped and (tmp_path / CHECKPOINT_NAME).exists()
     rest = finetune(model, alloc, digits.train, recipe, eval_data=digits.test, resume_from=tmp_path)
     a, b = full.model.state_dict(), rest.model.state_dict()
-    assert a.keys() == b.keys() and any(k.endswith("fc1.layer.bias") for k in a)
+    assert a.keys() == b.keys() and any(k.endswith("conv1.layer.bias") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert full.metrics == rest.metrics
