@@ -100,9 +100,12 @@ class LayerQuantizers:
         Returns the static weight quantizer whose scales the learnable one starts from."""
         wq = layer.weight_quant
         grid = wq.fallback if isinstance(wq, FixedWeightQuantizer) else wq
-        if isinstance(grid, SymmetricQuantizer):  # integer grids; ternary, binary and schemes keep their weights
-            w = layer.layer.weight
-            w.copy_(wq(w.detach()).to(w.dtype))
+        # Integer grids only (ternary, binary and schemes keep their weights), and not a weight that is also an
+        # embedding table (a tied head): the lookup would read the rounded rows, which PTQ never does.
+        if isinstance(grid, SymmetricQuantizer):
+            if not getattr(layer, "weight_tied", False):
+                w = layer.layer.weight
+                w.copy_(wq(w.detach()).to(w.dtype))
             wq = grid
         bc = layer.bias_correction
         if bc is not None:
