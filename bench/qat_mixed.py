@@ -8,10 +8,12 @@ our data).
 
 Arms (`--arms`): `uniform` (W3A4 everywhere); `ptq-rec`, the PTQ recommendation of
 `bench/results/search_selection.json` (row "W/A", budget "size+BOPs of W3A4": chosen by PTQ accuracy on the
-2,000 selection images of test.npz); `hessian` and `fisher`, allocations chosen *for QAT* from a sensitivity
-table alone, with no accuracy measurement: the ILP solver (`search.solve`) over W{2..8} x A{4,6,8} at <= the
-average weight bits *and* <= the BOPs of uniform W3A4, from a table computed by `compute_sensitivity` on 256
-calibration images of train.npz. `hessian` prices each layer's weights with its Hessian trace (HAWQ-V2/V3:
+2,000 selection images of test.npz, with the PTQ recipe of its time); `gptq-rec`, the search's current
+recommendation at that budget, `bench/results/search_selection_wa.json` (the same procedure with the search's
+GPTQ PTQ recipe, `quant.apply.SEARCH_PTQ_DEFAULTS`); `hessian` and `fisher`, allocations chosen *for QAT*
+from a sensitivity table alone, with no accuracy measurement: the ILP solver (`search.solve`) over
+W{2..8} x A{4,6,8} at <= the average weight bits *and* <= the BOPs of uniform W3A4, from a table computed by
+`compute_sensitivity` on 256 calibration images of train.npz. `hessian` prices each layer's weights with its Hessian trace (HAWQ-V2/V3:
 ½·Tr(H)/n·‖ΔW‖², exact Gauss-Newton trace, the loss curvature QAT recovers from) and its input activations
 with the empirical-Fisher activation term (the Hessian method covers weights only); `fisher` uses the
 empirical-Fisher table for both.
@@ -27,6 +29,13 @@ test; over seeds, the mean Δ with (a) a t-interval over the per-seed paired Δs
 seeds − 1) and (b) a two-level bootstrap (resample seeds, and the report images shared by all seeds: seed and
 image variation together). With few seeds the t-interval is very wide and the bootstrap, resampling only
 those seeds, understates seed variation: the +1.0 goal counts as met only when both lower bounds clear it.
+
+QAT init (`--init`): "calibrated" (the recipe above: round-to-nearest latent weights, LSQ steps from
+MSE-clipped ranges; runs in `qat_mixed_runs/`, tables `qat_mixed.md`) or "ptq" (`QATRecipe.init="ptq"`: every
+run starts from the search's PTQ realisation, `search_quant_config` — GPTQ-rounded weights as latents, their
+scales as LSQ steps, MSE activation ranges, bias correction as a trainable bias; runs in
+`qat_mixed_ptq_runs/`, which start from the same `allocations.json`, tables `qat_mixed_ptq.md`, with both
+inits side by side and their step-0 accuracy). A choice between the inits uses the selection images only.
 """
 
 from __future__ import annotations
@@ -49,20 +58,25 @@ from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, RESULTS, machine, require
 
 from quant import Allocation, LayerBits, QuantConfig, discover_layers
 from quant.cost import CostModel
-from quant.qat import QATRecipe, finetune
+from quant.qat import QATRecipe, QATTrainer
 from search import AllocationProblem, Budget, solve
 from search.selection import mean_interval, paired_test, split_roles
 from sensitivity import SensitivityOptions, SensitivityTable, compute_sensitivity
 from zoo import evaluate, load_model, load_npz
 
-ARMS = ("uniform", "ptq-rec", "hessian", "fisher")
+ARMS = ("uniform", "ptq-rec", "gptq-rec", "hessian", "fisher")
 UNIFORM = LayerBits(3, 4)
 WBITS = (2, 3, 4, 5, 6, 7, 8)
 ABITS = (4, 6, 8)
 #: The PTQ quantizer settings of bench/search_selection.py, so the tables price the same weight errors.
 CONFIG = QuantConfig(weight_clip="auto")
 RUNS = RESULTS / "qat_mixed_runs"
+#: Where each QAT init's runs and tables go: "calibrated" is the bench's original recipe (its runs are kept
+#: as they were); "ptq" starts QAT from the search's PTQ realisation (GPTQ weights, bias correction).
+INITS = {"calibrated": ("qat_mixed_runs", "qat_mixed"), "ptq": ("qat_mixed_ptq_runs", "qat_mixed_ptq")}
 PTQ_BUDGET = "size+BOPs of W3A4"
+#: Where the search's current W/A recommendation (the GPTQ PTQ recipe) is stored: the `gptq-rec` arm.
+GPTQ_SOURCE = RESULTS / "search_selection_wa.json"
 
 
 def parse_label(text: str) -> LayerBits:
@@ -150,7 +164,8 @@ def sensitivity_allocation(s: Setup, method: str) -> tuple[Allocation, dict]:
 def allocation_of(s: Setup, arm: str, source: Path) -> tuple[Allocation, dict]:
     if arm == "uniform":
         return Allocation.uniform(s.names, UNIFORM), {"method": "uniform W3A4"}
-    if arm == "ptq-rec":
+    if arm in ("ptq-rec", "gptq-rec"):
+        source = GPTQ_SOURCE if arm == "gptq-rec" else source
         rows = json.loads(source.read_text())
         row = next(r for r in rows if r["setting"] == "W/A" and r["budget"] == PTQ_BUDGET)
         alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, row["bits"].split("/"))})
@@ -182,19 +197,35 @@ def allocations(s: Setup, arms: list[str], source: Path) -> dict[str, dict]:
     return stored
 
 
-def run_one(arm: str, seed: int, steps: int) -> None:
+def use_init(init: str) -> None:
+    """Point RUNS at `init`'s folder; a new folder starts from the original runs' allocations, so that both
+    recipes train exactly the same bits (search_selection.json may have changed since)."""
+    global RUNS
+    RUNS = RESULTS / INITS[init][0]
+    first = RESULTS / INITS["calibrated"][0] / "allocations.json"
+    if init != "calibrated" and not (RUNS / "allocations.json").exists() and first.exists():
+        RUNS.mkdir(parents=True, exist_ok=True)
+        (RUNS / "allocations.json").write_text(first.read_text())
+
+
+def run_one(arm: str, seed: int, steps: int, init: str) -> None:
     """Fine-tune one arm with one seed; store its figures and per-image correctness."""
     torch.set_num_threads(1)
     s = Setup()
     stored = json.loads((RUNS / "allocations.json").read_text())
     alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, stored[arm]["bits"].split("/"))})
-    recipe = QATRecipe(steps=steps, batch_size=128, lr=0.01, weight_decay=1e-4, bn="train", seed=seed)
+    recipe = QATRecipe(steps=steps, batch_size=128, lr=0.01, weight_decay=1e-4, bn="train", seed=seed, init=init)
     torch.manual_seed(seed)
     c0 = time.process_time()
-    res = finetune(s.model, alloc, s.train, recipe, calibration=s.calib)
-    cpu = time.process_time() - c0
-    out = {"arm": arm, "seed": seed, "bits": stored[arm]["bits"], "steps": res.steps,
-           "train_seconds": res.train_seconds, "cpu_seconds": cpu}  # fmt: skip
+    trainer = QATTrainer(s.model, alloc, s.train, recipe, calibration=s.calib)
+    build_cpu = time.process_time() - c0
+    # The starting point (step 0, the fake-quant model before any step): with init "ptq", the PTQ model.
+    start = {role: evaluate(trainer.model, data).top1 for role, data in (("report", s.report), ("selection", s.selection))}
+    c1 = time.process_time()
+    res = trainer.run()
+    cpu = build_cpu + time.process_time() - c1
+    out = {"arm": arm, "seed": seed, "init": init, "bits": stored[arm]["bits"], "steps": res.steps,
+           "train_seconds": res.train_seconds, "cpu_seconds": cpu, "start_top1": start}  # fmt: skip
     for role, data in (("report", s.report), ("selection", s.selection)):
         r = evaluate(res.model, data)
         correct = r.per_sample["correct"].numpy()
@@ -204,7 +235,7 @@ def run_one(arm: str, seed: int, steps: int) -> None:
           f"({res.train_seconds:.0f} s training, {cpu:.0f} CPU s)", flush=True)  # fmt: skip
 
 
-def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int) -> None:
+def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int, init: str) -> None:
     """One subprocess per missing (arm, seed), ordered seed by seed so that a cut leaves balanced arms."""
     todo = [(a, sd) for sd in seeds for a in arms if not (RUNS / f"{a}-s{sd}.json").exists()]
     running: list[subprocess.Popen] = []
@@ -212,7 +243,7 @@ def train_missing(arms: list[str], seeds: list[int], steps: int, jobs: int) -> N
     while todo or running:
         while todo and len(running) < jobs:
             a, sd = todo.pop(0)
-            cmd = [sys.executable, script, "--run-one", f"{a}:{sd}", "--steps", str(steps)]
+            cmd = [sys.executable, script, "--run-one", f"{a}:{sd}", "--steps", str(steps), "--init", init]
             running.append(subprocess.Popen(cmd))
         time.sleep(5)
         for p in [p for p in running if p.poll() is not None]:
@@ -243,7 +274,27 @@ def two_level_bootstrap(diff: np.ndarray, resamples: int = 4000, seed: int = 0) 
     return float(lo), float(hi), float((means >= 1.0).mean())
 
 
-def aggregate(arms: list[str], seeds: list[int], cmd: str) -> None:
+def against_uniform(corr: dict, arm: str, seeds: list[int]) -> dict:
+    """`arm` against uniform on the report images of `seeds`: per-seed paired Δ with McNemar's p, the mean Δ
+    over seeds with a t-interval and a two-level bootstrap, and whether the +1.0 goal is met (both lower
+    bounds at or above it)."""
+    per, diffs = [], []
+    for sd in seeds:
+        d = paired_test(corr[(arm, sd)]["report"], corr[("uniform", sd)]["report"], alternative="two-sided")
+        per.append({"seed": sd, "delta": d.delta, "low": d.low, "high": d.high, "p_mcnemar": d.p_value})
+        diffs.append(corr[(arm, sd)]["report"] - corr[("uniform", sd)]["report"])
+    diff = np.stack(diffs) * 100
+    dseed = diff.mean(axis=1)
+    tlo, thi = t_interval(dseed)
+    blo, bhi, share = two_level_bootstrap(diff)
+    mean = float(dseed.mean())
+    lo = min(tlo, blo) if len(seeds) > 1 else blo
+    goal = "met" if lo >= 1.0 else ("not shown (mean ≥ 1.0, interval below)" if mean >= 1.0 else "**not met**")
+    return {"per_seed": per, "mean_delta": mean, "t_interval": [tlo, thi], "bootstrap_interval": [blo, bhi],
+            "bootstrap_share_at_goal": share, "seeds": seeds, "goal": goal}  # fmt: skip
+
+
+def aggregate(arms: list[str], seeds: list[int], cmd: str, init: str = "calibrated") -> None:
     runs = {}
     for p in sorted(RUNS.glob("*-s*.json")):
         r = json.loads(p.read_text())
@@ -306,21 +357,10 @@ def aggregate(arms: list[str], seeds: list[int], cmd: str) -> None:
         both = [sd for sd in done if (a, sd) in runs]
         if not both:
             continue
-        per, diffs = [], []
-        for sd in both:
-            d = paired_test(corr[(a, sd)]["report"], corr[("uniform", sd)]["report"], alternative="two-sided")
-            per.append({"seed": sd, "delta": d.delta, "low": d.low, "high": d.high, "p_mcnemar": d.p_value})
-            diffs.append(corr[(a, sd)]["report"] - corr[("uniform", sd)]["report"])
-        diff = np.stack(diffs) * 100
-        dseed = diff.mean(axis=1)
-        tlo, thi = t_interval(dseed)
-        blo, bhi, share = two_level_bootstrap(diff)
-        mean = float(dseed.mean())
-        lo = min(tlo, blo) if len(both) > 1 else blo
-        goal = "met" if lo >= 1.0 else ("not shown (mean ≥ 1.0, interval below)" if mean >= 1.0 else "**not met**")
-        summary["comparisons"][a] = {"per_seed": per, "mean_delta": mean, "t_interval": [tlo, thi],
-                                     "bootstrap_interval": [blo, bhi], "bootstrap_share_at_goal": share,
-                                     "seeds": both, "goal": goal}  # fmt: skip
+        c = against_uniform(corr, a, both)
+        per, mean, (tlo, thi), (blo, bhi) = c["per_seed"], c["mean_delta"], c["t_interval"], c["bootstrap_interval"]
+        share, goal = c["bootstrap_share_at_goal"], c["goal"]
+        summary["comparisons"][a] = c
         cells = ", ".join(f"s{x['seed']}: {x['delta']:+.2f} (p={x['p_mcnemar']:.2g})" for x in per)
         tcell = f"[{tlo:+.2f}, {thi:+.2f}]" if len(both) > 1 else "n/a (one seed)"
         lines.append(f"| {a} | {cells} | {len(both)} | **{mean:+.2f}** | {tcell} | "
@@ -335,17 +375,84 @@ def aggregate(arms: list[str], seeds: list[int], cmd: str) -> None:
         lines += ["", f"Choice among the mixed arms on the 2,000 **selection** images (mean top-1 over seeds "
                   f"{common}: " + ", ".join(f"{a} {v:.2f}" for a, v in sel.items()) + f"): **{pick}**; its report "
                   f"figures are the row above, not chosen on the report images."]  # fmt: skip
+    if init != "calibrated":
+        lines += recipes_side_by_side(arms, seeds, init, corr, runs, summary)
     secs = [r["train_seconds"] for r in runs.values()]
     cpus = [r["cpu_seconds"] for r in runs.values()]
+    how = "--jobs 2" if init == "calibrated" else f"--init {init} --jobs 1"
+    at_once = "at most two runs at once" if init == "calibrated" else "one run at a time"
     lines += ["", f"Training time per run: {np.mean(secs):.0f} s wall (loaded machine; range {min(secs):.0f}–"
               f"{max(secs):.0f}), {np.mean(cpus):.0f} CPU s, one thread, 200 steps.", "",
               f"Runs: `.venv/bin/python bench/qat_mixed.py --arms {','.join(arms)} --seeds "
-              f"{','.join(map(str, seeds))} --jobs 2`; tables: `.venv/bin/{cmd}`. Machine: {machine()}; shared with other jobs, at most two runs at "
-              "once, so wall-clock figures are on a loaded machine."]  # fmt: skip
+              f"{','.join(map(str, seeds))} {how}`; tables: `.venv/bin/{cmd}`. Machine: {machine()}; shared with "
+              f"other jobs, {at_once}, so wall-clock figures are on a loaded machine."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
-    write_result("qat_mixed.md", text)
-    write_result("qat_mixed.json", json.dumps(summary, indent=1, default=str) + "\n")
+    name = INITS[init][1]
+    write_result(f"{name}.md", text)
+    write_result(f"{name}.json", json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def starting_point(arm: str, init: str) -> dict[str, float]:
+    """Top-1 of the fake-quant model at step 0 (before any QAT step) on report and selection images; it does
+    not depend on the seed (the calibration images are fixed). Stored in the init's runs folder."""
+    path = RESULTS / INITS[init][0] / "starts.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if arm not in stored:
+        torch.set_num_threads(1)
+        s = Setup()
+        allocs = json.loads((RESULTS / INITS[init][0] / "allocations.json").read_text())
+        alloc = Allocation({n: parse_label(b) for n, b in zip(s.names, allocs[arm]["bits"].split("/"))})
+        trainer = QATTrainer(s.model, alloc, s.train, QATRecipe(steps=200, init=init), calibration=s.calib)
+        stored[arm] = {role: evaluate(trainer.model, d).top1 for role, d in (("report", s.report), ("selection", s.selection))}
+        path.write_text(json.dumps(stored, indent=1) + "\n")
+    return stored[arm]
+
+
+def recipes_side_by_side(arms: list[str], seeds: list[int], init: str, corr: dict, runs: dict, summary: dict) -> list[str]:
+    """This init's runs beside the original recipe's ("calibrated", its own folder), the same arms and seeds.
+    A choice between the recipes may use the selection images only; the report columns are not for choosing."""
+    other = {}
+    for p in sorted((RESULTS / INITS["calibrated"][0]).glob("*-s*.json")):
+        r = json.loads(p.read_text())
+        if r["arm"] in arms and r["seed"] in seeds:
+            other[(r["arm"], r["seed"])] = r
+    common = [sd for sd in seeds if all((a, sd) in runs and (a, sd) in other for a in arms)]
+    if not common:
+        return []
+    lines = ["", f"## Both QAT inits side by side (seeds {common}; step 0 = the model before any QAT step)", "",
+             f"The calibrated rows are the runs in `{INITS['calibrated'][0]}/` (`--init calibrated`, the same "
+             f"allocations, seeds and steps); the {init} rows those above.", "",
+             "| arm | init | step 0: selection / report | after 200 steps: selection mean | report mean | "
+             "report Δ vs uniform (same init) | t-interval over seeds | two-level bootstrap | goal Δ ≥ +1.0 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
+    other_corr = {k: {role: unpack(v[role]["correct"], v[role]["n"]) for role in ("report", "selection")}
+                  for k, v in other.items()}  # fmt: skip
+    side: dict = {}
+    for a in arms:
+        for name, rr, cc in (("calibrated", other, other_corr), (init, runs, corr)):
+            st = starting_point(a, name)
+            sel = float(np.mean([rr[(a, sd)]["selection"]["top1"] for sd in common]))
+            rep = float(np.mean([rr[(a, sd)]["report"]["top1"] for sd in common]))
+            entry = {"start": st, "selection_mean": sel, "report_mean": rep}
+            cells = "– | – | – | –"
+            if a != "uniform":
+                c = against_uniform(cc, a, common)
+                entry["against_uniform"] = c
+                (tlo, thi), (blo, bhi) = c["t_interval"], c["bootstrap_interval"]
+                cells = (f"{c['mean_delta']:+.2f} | [{tlo:+.2f}, {thi:+.2f}] | [{blo:+.2f}, {bhi:+.2f}] | "
+                         f"{c['goal']}")  # fmt: skip
+            side.setdefault(a, {})[name] = entry
+            lines.append(f"| {a} | {name} | {st['selection']:.2f} / {st['report']:.2f} | {sel:.2f} | {rep:.2f} | "
+                         f"{cells} |")  # fmt: skip
+    better = {a: side[a][init]["selection_mean"] > side[a]["calibrated"]["selection_mean"] for a in arms}
+    lines += ["", f"Choice of init on the 2,000 **selection** images (mean over seeds {common}): "
+              + ", ".join(f"{a}: {init} {side[a][init]['selection_mean']:.2f} vs calibrated "
+                          f"{side[a]['calibrated']['selection_mean']:.2f}" for a in arms)
+              + (f"; **{init}** is better for every arm." if all(better.values())
+                 else f"; {init} is not better for every arm, so \"calibrated\" stays the default.")]  # fmt: skip
+    summary["inits_side_by_side"] = {"seeds": common, "arms": side, f"{init}_better_on_selection": better}
+    return lines
 
 
 def main() -> None:
@@ -356,11 +463,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     ap.add_argument("--aggregate", action="store_true", help="only tabulate the stored runs")
+    ap.add_argument("--init", choices=sorted(INITS), default="calibrated",
+                    help='QAT init: "calibrated" (the original recipe) or "ptq" (from the search\'s PTQ model); '
+                         "each has its own runs folder and tables")  # fmt: skip
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    use_init(args.init)
     if args.run_one:
         arm, seed = args.run_one.split(":")
-        run_one(arm, int(seed), args.steps)
+        run_one(arm, int(seed), args.steps, args.init)
         return
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := [a for a in arms if a not in ARMS]:
@@ -372,8 +483,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if not args.aggregate:
         allocations(Setup(), arms, Path(args.source))
-        train_missing(arms, seeds, args.steps, args.jobs)
-    aggregate(arms, seeds, cmd)
+        train_missing(arms, seeds, args.steps, args.jobs, args.init)
+    aggregate(arms, seeds, cmd, args.init)
 
 
 if __name__ == "__main__":

@@ -76,15 +76,17 @@ def _quantizer_from_spec(spec: dict[str, Any]) -> Quantizer:
 
 
 def _materialise(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every parameter/buffer the shape its saved tensor has (per-channel scales start as scalars)."""
+    """Give every parameter/buffer the shape its saved tensor has (per-channel scales start as scalars), and
+    create the parameters a run added."""
     for key, value in state.items():
         prefix, _, attr = key.rpartition(".")
         try:
             owner = module.get_submodule(prefix) if prefix else module
         except AttributeError:
             continue
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            if owner._parameters[attr].shape != value.shape:
+        if attr in owner._parameters:
+            # A bias the run created (init "ptq" folds a bias correction into a layer without one) is None here.
+            if owner._parameters[attr] is None or owner._parameters[attr].shape != value.shape:
                 owner._parameters[attr] = nn.Parameter(torch.empty_like(value))
         elif attr in owner._buffers and owner._buffers[attr] is not None:
             if owner._buffers[attr].shape != value.shape:

@@ -11,7 +11,7 @@ from ..allocation import Allocation, LayerBits, is_float_bits
 from ..apply import DATA_CLIPS, QuantizedLayer, collect_statistics, quantized_layers
 from ..calibration import ClipContext, calibrate_activation, clip_range
 from ..errors import BitsearchError
-from ..quantizers import FloatQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
+from ..quantizers import FixedWeightQuantizer, FloatQuantizer, Quantizer, SymmetricQuantizer, make_quantizer
 from .quantizers import DoReFaQuantizer, LearnableQuantizer, LSQQuantizer, PACTQuantizer
 
 
@@ -90,6 +90,32 @@ class LayerQuantizers:
         else:
             q.set_range(lo, hi)
         return q
+
+    @torch.no_grad()
+    def _adopt_ptq(self, layer: QuantizedLayer) -> Quantizer:
+        """init "ptq": make `layer`'s float parts the PTQ realisation `apply_allocation` built, so that QAT
+        starts from the model the search measured. The latent weight becomes the PTQ weight (GPTQ-rounded,
+        dequantized: a grid point of the PTQ scales, which LSQ's steps then take over), and a bias correction
+        is folded into the layer's bias (created when the layer has none), which trains like any bias.
+        Returns the static weight quantizer whose scales the learnable one starts from."""
+        wq = layer.weight_quant
+        grid = wq.fallback if isinstance(wq, FixedWeightQuantizer) else wq
+        # Integer grids only (ternary, binary and schemes keep their weights), and not a weight that is also an
+        # embedding table (a tied head): the lookup would read the rounded rows, which PTQ never does.
+        if isinstance(grid, SymmetricQuantizer):
+            if not getattr(layer, "weight_tied", False):
+                w = layer.layer.weight
+                w.copy_(wq(w.detach()).to(w.dtype))
+            wq = grid
+        bc = layer.bias_correction
+        if bc is not None:
+            b = layer.layer.bias
+            if b is None:
+                layer.layer.bias = nn.Parameter(bc.detach().clone().to(layer.layer.weight.dtype))
+            else:
+                b.add_(bc.to(b.dtype))
+        layer.bias_correction = None
+        return wq
 
     def _install(self, layer: QuantizedLayer, bits: LayerBits, static_w=None, static_a=None) -> None:
         device = layer.layer.weight.device

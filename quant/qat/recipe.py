@@ -8,7 +8,11 @@ Fields (defaults in brackets):
   `activation_quantizer` ["lsq"] | "pact" | "static" (the calibrated uint/int_asym quantizer, fixed);
   `weight_granularity` ["per_channel"] | "per_tensor"; `init` ["calibrated"]: learned steps/clips start
   from the calibrated ranges (`weight_clip` ["mse"], `activation_clip` ["mse"] on `calibration_samples`
-  [256] inputs), or "paper": LSQ's s = 2⟨|v|⟩/√Q_P (and PACT's α = `pact_alpha`, 6 when unset);
+  [256] inputs), or "paper": LSQ's s = 2⟨|v|⟩/√Q_P (and PACT's α = `pact_alpha`, 6 when unset), or "ptq":
+  start from the search's PTQ realisation (`quant.apply.search_quant_config`, or the trainer's
+  `quant_config`): latent weights = the PTQ (GPTQ-rounded, dequantized) weights, LSQ steps = its per-channel
+  scales, activation ranges = its calibrated ranges, its bias correction folded into a trainable bias; the
+  clip fields do not apply then (the PTQ recipe sets them);
   `pact_alpha` [None: from calibration], `pact_l2` [0: L2 on α, added to the loss].
 - optimisation: `optimizer` ["sgd"] | "adamw"; `lr` [0.01]; `quantizer_lr` [None: = lr] for steps/clips;
   `weight_decay` [1e-4] on conv/linear weights only (never on biases, BatchNorm or quantizer parameters);
@@ -42,7 +46,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 BN_MODES = ("train", "frozen", "reestimate")
 DEVICES = ("auto", "cpu", "cuda")
-INITS = ("calibrated", "paper")
+INITS = ("calibrated", "paper", "ptq")
 WEIGHT_ONLY_CLIPS = ("output_mse", "auto")
 
 #: Fields that may differ between a checkpoint's recipe and the recipe of the run that resumes it.

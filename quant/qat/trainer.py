@@ -9,7 +9,11 @@ What it does
 1. Builds the fake-quant model: `apply_allocation` with the static quantizers (per-channel `int_sym`
    weights, uint/int_asym activations) calibrates every layer on `calibration` (default: a seeded subset of
    `train_data`), then each layer's quantizers are swapped for the recipe's learnable ones, initialised from
-   those calibrated ranges (`init="calibrated"`) or as the papers do (`init="paper"`). Inputs that can be
+   those calibrated ranges (`init="calibrated"`) or as the papers do (`init="paper"`). With `init="ptq"` the
+   model is first built with the search's PTQ recipe (`quant.apply.search_quant_config`, or `quant_config`):
+   GPTQ-rounded weights become the latent weights, their per-channel scales LSQ's steps, the calibrated
+   activation ranges LSQ's ranges, and a bias correction is folded into the layer's (trainable) bias, so
+   step 0 is the model the search measured. Inputs that can be
    negative (the calibrated quantizer is int_asym, e.g. a normalised image) get LSQ with a learned offset
    (LSQ+), also under `activation_quantizer="pact"`. Float, ternary and binary layers keep their
    quantizers. `model` itself is never modified.
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -71,7 +76,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..allocation import Allocation, LayerBits
-from ..apply import QuantConfig, QuantizedLayer, apply_allocation, quantized_layers, wrap_model
+from ..apply import (
+    QuantConfig,
+    QuantizedLayer,
+    apply_allocation,
+    quantized_layers,
+    search_quant_config,
+    wrap_model,
+)
 from ..errors import BitsearchError
 from ..quantizers import Quantizer
 from .binreg import binreg_loss
@@ -117,16 +129,19 @@ def finetune(
     eval_data: Any = None,
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    quant_config: QuantConfig | None = None,
 ) -> QATResult:
     """Quantization-aware fine-tuning of `model` at `allocation`; see the module docstring.
 
     `train_data` / `eval_data`: an `ArrayDataset` with labels (or an `(x, y)` pair of tensors);
     `calibration`: what `apply_allocation` takes (default: `recipe.calibration_samples` seeded items of the
     training data). With `resume_from`, the model layout, the (possibly changed) allocation and all training
-    state come from the checkpoint; `model` is still needed (architecture, KD teacher).
+    state come from the checkpoint; `model` is still needed (architecture, KD teacher). `quant_config`: with
+    `recipe.init == "ptq"`, the PTQ recipe to start from (default: the search's, `search_quant_config`).
     """
     return QATTrainer(
-        model, allocation, train_data, recipe, callbacks, calibration, eval_data, checkpoint_dir, resume_from
+        model, allocation, train_data, recipe, callbacks, calibration, eval_data, checkpoint_dir, resume_from,
+        quant_config,
     ).run()
 
 
@@ -146,6 +161,44 @@ def _as_xy(data: Any, what: str, need_labels: bool = True) -> tuple[torch.Tensor
     if len(x) == 0:
         raise BitsearchError(f"{what} is empty")
     return x, (None if y is None else y.long())
+
+
+def _quant_config(recipe: QATRecipe, ptq: QuantConfig | None) -> QuantConfig:
+    """The static quantizers the fake-quant model is built with before the learnable ones replace them."""
+    if recipe.init != "ptq":
+        if ptq is not None:
+            raise BitsearchError('a quant_config is only used with init "ptq"')
+        return QuantConfig(
+            weight_quantizer="int_sym",
+            weight_granularity=recipe.weight_granularity,
+            weight_clip=recipe.weight_clip,
+            activation_quantizer="auto",
+            activation_clip=recipe.activation_clip,
+            calibration_samples=recipe.calibration_samples,
+        )
+    if ptq is None:
+        # The search's PTQ recipe (GPTQ, output-MSE/auto weight clipping, MSE activations, bias correction);
+        # the recipe's own clip fields do not apply: the point is to start from what the search measured.
+        return dataclasses.replace(
+            search_quant_config(None, True),
+            weight_granularity=recipe.weight_granularity,
+            calibration_samples=recipe.calibration_samples,
+        )
+    if not isinstance(ptq, QuantConfig):
+        raise BitsearchError(f"quant_config must be a QuantConfig, got {type(ptq).__name__}")
+    # LSQ's signed grid is int_sym's (narrow, zero point 0) and rounds to nearest: other PTQ grids cannot be
+    # carried over step for step.
+    if ptq.weight_quantizer != "int_sym" or ptq.stochastic_rounding:
+        raise BitsearchError(
+            f'init "ptq" starts LSQ from int_sym weights rounded deterministically; the quant_config has '
+            f"weight_quantizer {ptq.weight_quantizer!r}, stochastic_rounding {ptq.stochastic_rounding}"
+        )
+    if ptq.weight_granularity != recipe.weight_granularity:
+        raise BitsearchError(
+            f"the quant_config's weight_granularity {ptq.weight_granularity!r} differs from the recipe's "
+            f"{recipe.weight_granularity!r}"
+        )
+    return ptq
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -192,6 +245,7 @@ class QATTrainer(LayerQuantizers):
         eval_data: Any = None,
         checkpoint_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
+        quant_config: QuantConfig | None = None,
     ):
         self.recipe = recipe or QATRecipe()
         if not isinstance(self.recipe, QATRecipe):
@@ -213,14 +267,7 @@ class QATTrainer(LayerQuantizers):
         # The fine-tuned model is handed back where the caller's model lives, whichever device trained it.
         self.home_device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.amp = self.device.type == "cuda"
-        self.config = QuantConfig(
-            weight_quantizer="int_sym",
-            weight_granularity=self.recipe.weight_granularity,
-            weight_clip=self.recipe.weight_clip,
-            activation_quantizer="auto",
-            activation_clip=self.recipe.activation_clip,
-            calibration_samples=self.recipe.calibration_samples,
-        )
+        self.config = _quant_config(self.recipe, quant_config)
         n = len(self.train_x)
         self.total_steps = self.recipe.total_steps(n)
         self.batch_size = min(self.recipe.batch_size, n)
@@ -282,7 +329,8 @@ class QATTrainer(LayerQuantizers):
     def _build_fresh(self) -> nn.Module:
         qmodel = apply_allocation(self.teacher_source, self.allocation, self._calibration_inputs(), self.config)
         for layer in quantized_layers(qmodel).values():
-            self._install(layer, layer.bits, static_w=layer.weight_quant, static_a=layer.input_quant)
+            static_w = self._adopt_ptq(layer) if self.recipe.init == "ptq" else layer.weight_quant
+            self._install(layer, layer.bits, static_w=static_w, static_a=layer.input_quant)
         return qmodel
 
     def _build_from_layout(self, layout: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
