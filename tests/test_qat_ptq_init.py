@@ -9,20 +9,8 @@ import bitsearch
 from quant import Allocation, BitsearchError, LayerBits, QuantConfig, apply_allocation, discover_layers
 from quant.apply import quantized_layers, search_quant_config
 from quant.qat import CHECKPOINT_NAME, LSQQuantizer, QATRecipe, QATTrainer, finetune
-from zoo import load_digits_splits, load_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_splits()
+from tests.test_qat import digits, one_thread  # noqa: F401  (one torch thread per test; the digits splits)
+from zoo import load_model
 
 
 @pytest.fixture(scope="module")
