@@ -1,7 +1,11 @@
 """Test helpers shared by several test modules."""
 
 import os
+import signal
+import subprocess
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -45,3 +49,33 @@ TINY_SEARCH = {
     "calib_size": 64,
     "eval_limit": 200,
 }
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to `proc`'s process group (started with `start_new_session=True`), if it still exists."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM `proc`'s process group and wait for it; SIGKILL it if it is still there after `timeout` s."""
+    signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def kill_once_marked(proc: subprocess.Popen, markers: Path, pattern: str, what: str, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as a file matching `pattern` appears in `markers` (where the process marks the
+    trial it began); fails if the process exits first or nothing is marked within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not list(markers.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the {what} never started a trial"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

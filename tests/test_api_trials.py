@@ -20,6 +20,7 @@ from db.models import Job
 from service.trial_views import study_trials as search_trials
 from service.settings import get_settings
 from tests.test_api import _fresh_settings, api, db_url, settings, sf, submit  # noqa: F401
+from tests.helpers import signal_group, stop_group
 from tests.test_worker_crash import _wait
 
 BODY = {"model": "zoo:digits-mlp", "data": "zoo:digits", "options": {"weight_bits": [2, 4, 8]}, "calib_size": 64,
@@ -129,15 +130,9 @@ def test_cancelling_a_search_cancels_its_trial_jobs_celery(api, sf, settings, mo
         search_id, trials, jobs = _cancel_mid_study(api, sf, url)
     finally:
         for w in workers:
-            try:
-                os.killpg(w.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            signal_group(w, signal.SIGTERM)
         for w in workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
+            stop_group(w, 30)
     _check_cancelled(search_id, trials, jobs, url)
     assert all(j.worker_id is None or j.worker_id.startswith("celery:") for j in jobs)
 
@@ -161,11 +156,11 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
     try:
         _wait(lambda: sum(t.state == "COMPLETE" for t in search_trials(acc["id"], url)) >= 3, 400,
               "trials of the first attempt")
-        os.killpg(first.pid, signal.SIGKILL)
+        signal_group(first, signal.SIGKILL)
         first.wait(10)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            signal_group(first, signal.SIGKILL)
     before = {t.number: t for t in search_trials(acc["id"], url)}
     log = open(tmp_path / "second-worker.log", "w")
     second = subprocess.Popen([str(BIN), "worker", "--queues", "cpu", "--max-jobs", "1"], env=env,
@@ -174,11 +169,7 @@ def test_search_study_resumes_after_a_service_restart(api, sf, tmp_path):  # noq
         got = _wait(lambda: (g := client.get(acc["url"], headers=h).json())["status"] in
                     ("succeeded", "failed") and g, 600, "the resumed search")
     finally:
-        try:
-            os.killpg(second.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        second.wait(30)
+        stop_group(second, 30)
         log.close()
     assert got["status"] == "succeeded", (got.get("error"), (tmp_path / "second-worker.log").read_text()[-3000:])
     job = job_repo.get(sf, acc["job_id"])

@@ -5,7 +5,6 @@ further trial and keeps what it finished."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from search.solvers.bayes import BayesFanout, BayesSolver, ProblemSnapshot, buil
 from search.trials import load_fanout_study, progress_of, run_trials, stop_study
 from sensitivity import SensitivityOptions, compute_sensitivity
 from tests import trial_objectives  # noqa: F401  (registers the "test-digits-ptq" scorer builder)
+from tests.helpers import kill_once_marked
 from tests.test_search_bayes_qbitopt import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 optuna = pytest.importorskip("optuna")
@@ -123,13 +123,7 @@ def test_runner_killed_mid_trial_is_rerun_once_never_counted_twice(problem, tmp_
 
     def submit(url, study, n):  # one runner, killed while it scores its first trial
         victim = _runner(url, study, "victim", {"BITSEARCH_TEST_SLOW_TRIAL": "120"})
-        deadline = time.monotonic() + 120
-        while not list(markers.glob("scoring-*")):
-            assert victim.poll() is None, victim.communicate()
-            assert time.monotonic() < deadline, "the runner never started a trial"
-            time.sleep(0.1)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(30)
+        kill_once_marked(victim, markers, "scoring-*", "runner")
         return ["victim"]
 
     solver, url = _solver(tmp_path, 6, submit)

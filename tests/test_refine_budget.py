@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from quant.allocation import Allocation, LayerBits
@@ -10,26 +9,7 @@ from quant.cost import CostModel
 from quant.errors import BitsearchError
 from search import AllocationProblem
 from search.refine import RefineConfig, refine
-from sensitivity.table import SensitivityTable
-
-
-@pytest.fixture(scope="module")
-def digits():
-    import zoo
-    from quant.layers import discover_layers
-
-    loaded = zoo.load_model("zoo:digits-cnn")
-    splits = zoo.load_digits_splits()
-    return loaded.model.eval(), splits, discover_layers(loaded.model, loaded.example_input)
-
-
-def _table(layers, options):
-    return SensitivityTable(
-        "test",
-        list(layers),
-        list(options),
-        np.outer(np.linspace(1, 2, len(layers)), [1.0 / o.weight_bits for o in options]),
-    )
+from tests.test_selection import _table, digits, pinned_tied_problem  # noqa: F401  (digits: the fixture)
 
 
 def test_budget_scales_with_the_number_of_variables():
@@ -50,17 +30,7 @@ def test_budget_scales_with_the_number_of_variables():
 def test_default_budget_is_kept_and_pins_ties_respected(digits, measure_samples):
     model, splits, layers = digits
     names = [l.name for l in layers]
-    options = [LayerBits(w) for w in (2, 3, 4, 8)]
-    cost = CostModel(layers)
-    start = Allocation(
-        {names[0]: LayerBits(2), names[1]: LayerBits(4), names[2]: LayerBits(4), names[3]: LayerBits(8)}
-    )
-    problem = AllocationProblem(
-        _table(layers, options),
-        cost,
-        [f"avg_wbits={cost.cost(start).avg_weight_bits}"],
-        {"pinned": {names[3]: "8"}, "ties": [[names[1], names[2]]]},
-    )
+    problem, start = pinned_tied_problem(layers)
     cfg = RefineConfig(passes_per_variable=6.0, measure_samples=measure_samples)
     r = refine(problem, start, model, splits.calibration, splits.calibration, splits.test, settings=cfg)
     budget = 6.0 * problem.n_vars

@@ -209,6 +209,24 @@ def _table(layers, options):
     )
 
 
+def pinned_tied_problem(layers):
+    """A weight-only problem over W{2,3,4,8} with the last layer pinned at 8 bits, the second and third tied,
+    and a slack-free budget: that of its start (2/4/4/8 bits), which it returns too."""
+    names = [l.name for l in layers]
+    options = [LayerBits(w) for w in (2, 3, 4, 8)]
+    cost = CostModel(layers)
+    start = Allocation(
+        {names[0]: LayerBits(2), names[1]: LayerBits(4), names[2]: LayerBits(4), names[3]: LayerBits(8)}
+    )
+    problem = AllocationProblem(
+        _table(layers, options),
+        cost,
+        [f"avg_wbits={cost.cost(start).avg_weight_bits}"],
+        {"pinned": {names[3]: "8"}, "ties": [[names[1], names[2]]]},
+    )
+    return problem, start
+
+
 def test_evaluate_keeps_per_item_values_behind_the_means(digits):
     from zoo.evaluate import evaluate
 
@@ -301,17 +319,7 @@ def test_refinement_stays_in_budget_and_never_worsens_the_objective(digits, acti
 def test_refinement_respects_pins_ties_and_its_budget_of_passes(digits):
     model, splits, layers = digits
     names = [l.name for l in layers]
-    options = [LayerBits(w) for w in (2, 3, 4, 8)]
-    cost = CostModel(layers)
-    start = Allocation(
-        {names[0]: LayerBits(2), names[1]: LayerBits(4), names[2]: LayerBits(4), names[3]: LayerBits(8)}
-    )
-    problem = AllocationProblem(
-        _table(layers, options),
-        cost,
-        [f"avg_wbits={cost.cost(start).avg_weight_bits}"],
-        {"pinned": {names[3]: "8"}, "ties": [[names[1], names[2]]]},
-    )
+    problem, start = pinned_tied_problem(layers)
     r = refine(
         problem,
         start,

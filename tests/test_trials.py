@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 
 from search.trials import Fanout, create_study, load_fanout_study, progress_of, run_trials
 from tests import trial_objectives  # noqa: F401  (registers "test-quadratic")
+from tests.helpers import kill_once_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,13 +79,7 @@ def test_two_processes_share_one_study_and_stop_at_total(tmp_path, backend):
 def test_worker_killed_mid_trial_is_rerun_once_and_study_resumes(tmp_path, backend):
     url, name, markers = _study(tmp_path, 3, backend, max_retry=1)
     victim = _worker(url, name, "victim", {"BITSEARCH_TEST_SLOW_TRIAL": "120"})
-    deadline = time.monotonic() + 120
-    while not list(markers.glob("started-0-*")):
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline, "the worker never started a trial"
-        time.sleep(0.1)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait(timeout=30)
+    kill_once_marked(victim, markers, "started-0-*", "worker")
     study, _ = load_fanout_study(url, name)
     assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["RUNNING"]
 

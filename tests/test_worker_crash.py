@@ -17,6 +17,7 @@ from db.session import session_factory
 from quant import Allocation, LayerBits
 from service.jobs.dispatch import submit_job
 from service.settings import Settings
+from tests.helpers import signal_group, stop_group
 
 BIN = Path(sys.executable).parent / "bitsearch"
 
@@ -76,7 +77,7 @@ def _crash_and_resume(tmp_path, monkeypatch, broker=None):
     try:
         _wait(lambda: checkpoint.exists() and (repo.get(sf, job.id).progress or 0) > 0.1, 240, "a checkpoint")
         assert repo.get(sf, job.id).status == JobStatus.running
-        os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started
+        signal_group(first, signal.SIGKILL)  # the worker and anything it started
         first.wait(10)
         second_cmd = cmd + ([] if broker else ["--max-jobs", "1"])
         second = subprocess.Popen(second_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -84,14 +85,10 @@ def _crash_and_resume(tmp_path, monkeypatch, broker=None):
         try:
             done = _wait(lambda: (j := repo.get(sf, job.id)).status.finished and j, 400, "the resumed job")
         finally:
-            try:
-                os.killpg(second.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            second.wait(20)
+            stop_group(second, 20)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            signal_group(first, signal.SIGKILL)
     assert done.status == JobStatus.succeeded, done.error
     assert done.attempts == 2
     assert done.result["resumed"] is True
