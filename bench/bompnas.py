@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,7 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine, write_result  # noqa: E402
+from _common import acc_cell, machine, paired, write_result  # noqa: E402
 
 from quant import Allocation, QuantConfig  # noqa: E402
 from quant.cost import CostModel  # noqa: E402
@@ -66,30 +65,10 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return 100 * (c - h), 100 * (c + h)
-
-
 def correct(model: torch.nn.Module) -> np.ndarray:
     model.eval()
     with torch.inference_mode():
         return (model(TEST.x).argmax(1) == TEST.y).numpy()
-
-
-def acc_cell(c: np.ndarray) -> str:
-    lo, hi = wilson(int(c.sum()), len(c))
-    return f"{100 * c.mean():.2f} [{lo:.1f}, {hi:.1f}]"
-
-
-def paired(a: np.ndarray, b: np.ndarray, n: int = 2000) -> str:
-    rng = np.random.default_rng(0)
-    d = a.astype(float) - b.astype(float)
-    boots = [d[rng.integers(0, len(d), len(d))].mean() * 100 for _ in range(n)]
-    return f"{d.mean() * 100:+.2f} [{np.percentile(boots, 2.5):+.2f}, {np.percentile(boots, 97.5):+.2f}]"
 
 
 # --- 1. throughput ---------------------------------------------------------------------------------------------

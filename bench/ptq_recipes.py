@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, write_result
+from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, require_shared, run_footer, write_results
 
 from quant import Allocation, LayerBits, QuantConfig
 from quant.apply import collect_statistics, set_allocation, wrap_model
@@ -125,14 +124,9 @@ def main() -> None:
                 cells.append(s)
             lines.append(f"| {rname} | " + " | ".join(cells) + f" | {row['cpu_s']:.0f} |")
         lines.append("")
-    load = os.getloadavg()
-    cmd = "python bench/ptq_recipes.py" + "".join(f" {a}" for a in sys.argv[1:])
-    lines += [f"Command: `.venv/bin/{cmd}` ({time.perf_counter() - t0:.0f} s in all).", "",
-              f"Machine: {machine()}; shared with other jobs (load average at the end "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}): loaded."]
+    lines += run_footer("ptq_recipes.py", time.perf_counter() - t0)
     text = "\n".join(lines) + "\n"
-    write_result(args.out, text)
-    write_result(args.out.replace(".md", ".json"), json.dumps(results, indent=1, default=str) + "\n")
+    write_results(args.out, text, results)
     print(text)
 
 

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, write_result  # noqa: E402
+from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, require_shared, run_footer, write_result  # noqa: E402
 
 from quant import Allocation, LayerBits, QuantConfig  # noqa: E402
 from quant.apply import collect_statistics, set_allocation, wrap_model  # noqa: E402
@@ -390,11 +390,7 @@ def main() -> None:
         l2, summary["resnet"] = part2({a: m for a, m in settings.items() if m}, args.front_points)
         lines += l2
     lines += findings(summary)
-    cmd = "python bench/search_quality.py" + "".join(f" {a}" for a in sys.argv[1:])
-    load = os.getloadavg()
-    lines += ["", f"Command: `.venv/bin/{cmd}` ({time.perf_counter() - T0:.0f} s in all).", "",
-              f"Machine: {machine()}; shared with other jobs (load average at the end "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})."]
+    lines += ["", *run_footer("search_quality.py", time.perf_counter() - T0)]
     text = "\n".join(lines) + "\n"
     path = write_result(args.out, text)
     print(text)

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine, write_result
+from _common import run_footer, write_results
 
 import bitsearch
 
@@ -87,14 +87,9 @@ def main() -> None:
                      f"{r['rec_report']} | {r['delta_report']} | "
                      f"{rf['steps']} kept, {rf['passes']} of {rf['max_passes']} passes: {rf['stopped']} | "
                      f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
-    load = os.getloadavg()
-    cmd = "python bench/search_recipe_models.py" + "".join(f" {a}" for a in sys.argv[1:])
-    lines += ["", f"Command: `.venv/bin/{cmd}` ({time.perf_counter() - t_all:.0f} s in all).", "",
-              f"Machine: {machine()}; shared with other jobs (load average at the end {load[0]:.1f} / "
-              f"{load[1]:.1f} / {load[2]:.1f}): loaded."]
+    lines += ["", *run_footer("search_recipe_models.py", time.perf_counter() - t_all)]
     text = "\n".join(lines) + "\n"
-    write_result(args.out, text)
-    write_result(args.out.replace(".md", ".json"), json.dumps(rows, indent=1, default=str) + "\n")
+    write_results(args.out, text, rows)
     print(text)
 
 

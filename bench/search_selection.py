@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, machine, require_shared, write_result
+from _common import CIFAR_TEST, CIFAR_TRAIN, RESNET20, require_shared, run_footer, write_result, write_results
 
 from quant import Allocation, LayerBits, QuantConfig
 from quant.apply import collect_statistics, search_quant_config, set_allocation, wrap_model
@@ -398,18 +398,9 @@ def main() -> None:
     )
     lines += ["", "## Goals", ""]
     lines += goals(rows)
-    cmd = "python bench/search_selection.py" + "".join(f" {a}" for a in sys.argv[1:])
-    load = os.getloadavg()
-    lines += [
-        "",
-        f"Command: `.venv/bin/{cmd}` ({time.perf_counter() - T0:.0f} s in all).",
-        "",
-        f"Machine: {machine()}; shared with other jobs (load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).",
-    ]
+    lines += ["", *run_footer("search_selection.py", time.perf_counter() - T0)]
     text = "\n".join(lines) + "\n"
-    path = write_result(args.out, text)
-    write_result(args.out.replace(".md", ".json"), json.dumps(rows, indent=1, default=str) + "\n")
+    path = write_results(args.out, text, rows)
     print(text)
     log(f"wrote {path}")
 
