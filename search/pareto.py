@@ -460,8 +460,6 @@ def measure_front(
     """
     from zoo.data import as_dataset  # imported here: the search core needs no torch data
 
-    if role not in ("selection", "report"):
-        raise BitsearchError(f"role must be 'selection' or 'report', got {role!r}")
     data = as_dataset(eval_data, "eval_data")
     out = copy.deepcopy(front)
     measuring = measuring or MeasuringModel(model, calibration, quant_config)

@@ -103,7 +103,7 @@ class LayerQuantizers:
         # Integer grids only (ternary, binary and schemes keep their weights), and not a weight that is also an
         # embedding table (a tied head): the lookup would read the rounded rows, which PTQ never does.
         if isinstance(grid, SymmetricQuantizer):
-            if not getattr(layer, "weight_tied", False):
+            if not layer.weight_tied:
                 w = layer.layer.weight
                 w.copy_(wq(w.detach()).to(w.dtype))
             wq = grid
