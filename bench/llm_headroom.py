@@ -6,8 +6,9 @@ scheme options of `bench/llm_schemes.py` close?
 For each budget: start from the best uniform scheme that fits (from the source run's report rows, which is how
 the goal defines the gap), and on the *selection* windows measure in context (every other layer at that scheme)
 the change in mean per-sequence NLL of moving each unit (a tie group, q/k/v or gate/up, or a single layer) to
-each other option. Then solve the exact knapsack on these measured, in-context changes under the budget (an
-additive estimate of the best achievable allocation), and measure that allocation: on the selection windows
+each other option. Then solve the exact knapsack on these measured, in-context changes under the budget (the
+search's own ILP, `search.solve`, with the tie groups; an additive estimate of the best achievable allocation),
+and measure that allocation: on the selection windows
 (the additive estimate against the realised change) and on the report windows (the figure, paired with the
 source run's uniform rows). Everything is chosen on the selection windows; the report windows only score. The
 PTQ recipe is the search's (`search_quant_config(QUANT)`, checked against the source run). This is not the
@@ -39,23 +40,21 @@ from zoo import load_model  # noqa: E402
 from zoo.lm_eval import evaluate_tokens  # noqa: E402
 
 
-def knapsack(delta: np.ndarray, dbits: np.ndarray, room: float) -> np.ndarray:
-    """One option per unit (row), minimising the summed Δ NLL with the summed extra bits ≤ room (exact MILP).
-    Column 0 of every row is the base option (Δ 0, 0 bits)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+def best_allocation(infos, cost: CostModel, units, opts: list[str], delta: np.ndarray, budget: float,
+                    tied: list[list[str]]) -> tuple[Allocation, np.ndarray]:
+    """The allocation minimising the summed measured Δ NLL under `bpw <= budget`, one option per unit (a tie
+    group or a layer), by the search's own exact ILP (`search.solve`): each unit's Δ stands on its first
+    layer, so a tie group's objective is its measured Δ once. Returns it and each unit's option index."""
+    from search import AllocationProblem, solve
+    from sensitivity.table import SensitivityTable
 
-    u, o = delta.shape
-    ok = np.isfinite(delta)
-    c = np.where(ok, delta, 0.0).ravel()
-    one_hot = np.zeros((u, u * o))
-    for i in range(u):
-        one_hot[i, i * o:(i + 1) * o] = 1
-    cons = [LinearConstraint(one_hot, 1, 1), LinearConstraint(dbits.ravel()[None, :], -np.inf, room)]
-    ub = ok.ravel().astype(float)
-    res = milp(c, constraints=cons, integrality=np.ones(u * o), bounds=Bounds(0, ub))
-    if not res.success:
-        raise SystemExit(f"knapsack failed: {res.message}")
-    return np.round(res.x).reshape(u, o).argmax(1)
+    row = {u[0]: i for i, u in enumerate(units)}
+    values = np.array([delta[row[l.name]] if l.name in row else np.zeros(len(opts)) for l in infos])
+    options = [LayerBits.of(s) for s in opts]
+    table = SensitivityTable("in-context Δ NLL (selection windows)", list(infos), options, values)
+    problem = AllocationProblem(table, cost, [f"bpw<={budget}"], {"ties": tied})
+    alloc = solve(problem, "ilp").allocation
+    return alloc, np.array([options.index(alloc[u[0]]) for u in units])
 
 
 def main() -> None:
@@ -118,22 +117,17 @@ def main() -> None:
             continue
         above = args.above or min(better, key=lambda s: (uniform[s]["bpw"], uniform[s]["perplexity"]))
         base_alloc = Allocation.uniform(names, LayerBits.of(base))
-        base_bpw = cost.cost(base_alloc).bpw
         base_sel = nll(base_alloc, selection)
         opts = [base] + [s for s in SCHEMES if s != base]
         delta = np.full((len(units), len(opts)), np.inf)
-        dbpw = np.zeros_like(delta)
         delta[:, 0] = 0.0
         for i, unit in enumerate(units):
             for j, s in enumerate(opts[1:], start=1):
                 alloc = Allocation({**base_alloc.layers, **{n: LayerBits.of(s) for n in unit}})
-                dbpw[i, j] = cost.cost(alloc).bpw - base_bpw  # over the budget alone, it may fit with cheaper others
                 delta[i, j] = float((nll(alloc, selection) - base_sel).mean())
             print(f"{budget} {unit[0]}: " + " ".join(f"{opts[j]} {delta[i, j]:+.4f}" for j in range(1, len(opts))
                                                      if np.isfinite(delta[i, j])), flush=True)
-        choice = knapsack(delta, dbpw, budget - base_bpw)
-        alloc = Allocation({**base_alloc.layers,
-                            **{n: LayerBits.of(opts[j]) for unit, j in zip(units, choice) for n in unit}})
+        alloc, choice = best_allocation(infos, cost, units, opts, delta, budget, tied)
         estimate = float(sum(delta[i, j] for i, j in enumerate(choice)))
         realised_sel = float((nll(alloc, selection) - base_sel).mean())
         rep = nll(alloc, report)
@@ -149,7 +143,7 @@ def main() -> None:
             chosen[alloc[n].label()] = chosen.get(alloc[n].label(), 0) + 1
         row = {"budget": budget, "base": base, "above": above, "bpw": cost.cost(alloc).bpw,
                "units": [list(u) for u in units], "options": opts, "delta_selection": delta.tolist(),
-               "dbpw": dbpw.tolist(), "choice": [opts[j] for j in choice], "chosen": chosen,
+               "choice": [opts[j] for j in choice], "chosen": chosen,
                "additive_estimate_dnll_selection": estimate, "realised_dnll_selection": realised_sel,
                "needed_dnll_for_50pc": need, "perplexity": float(ppl(rep)), "base_perplexity": float(ppl(lo)),
                "above_perplexity": float(ppl(hi)),
